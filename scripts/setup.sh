@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One idempotent setup step: every Debian package the project needs, a virtual
+# environment with the Python dependencies, and /usr/local/bin/testbed.
+# Used by `make demo`, `make test`, .ci/run and the Vagrantfile alike.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: must run as root (try: sudo make test)" >&2
+    exit 2
+fi
+
+DEB_PACKAGES=(
+    iproute2 iptables nftables ipset ipvsadm conntrack kmod procps psmisc
+    user-mode-linux uml-utilities dnsmasq-base wrk dnsutils
+    python3 python3-venv python3-pip
+)
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# A Python >= 3.11 from the distribution (Ubuntu 22.04 ships 3.10: take python3.11 there).
+PY=""
+for cand in /usr/bin/python3.13 /usr/bin/python3.12 /usr/bin/python3.11 /usr/bin/python3; do
+    if [ -x "$cand" ] && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+        PY=$cand; break
+    fi
+done
+if [ -z "$PY" ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq python3.11 python3.11-venv >/dev/null
+    PY=/usr/bin/python3.11
+fi
+VENV_PKG="python3-venv"
+"$PY" -c 'import ensurepip' 2>/dev/null || {
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq "python3.$("$PY" -c 'import sys; print(sys.version_info[1])')-venv" >/dev/null || apt-get install -y -qq "$VENV_PKG" >/dev/null
+}
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    rm -rf .venv
+    "$PY" -m venv .venv
+fi
+# Reinstall only when pyproject.toml changed since the last install.
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e ".[test]"
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi
+ln -sf "$ROOT/.venv/bin/testbed" /usr/local/bin/testbed
+echo "setup: ok ($(.venv/bin/python --version), testbed -> /usr/local/bin/testbed)"

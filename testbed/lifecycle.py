@@ -1,0 +1,100 @@
+"""Bringing a cluster up and down: topology -> state dir -> fabric -> pod servers.
+
+The order makes every step recoverable: the run directory (with the run id) is
+written before the first namespace exists, the pod server's pid is recorded as soon
+as it is spawned, and any failure or interruption tears the run down before the
+error propagates. ``testbed clean`` covers what a ``kill -9`` leaves.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import select
+import subprocess
+import sys
+import time
+
+from testbed import clean, fabric, state
+from testbed.errors import KernelError, StateError
+from testbed.fabric import Progress
+from testbed.model import Cluster
+
+PODSERVER_READY_TIMEOUT = 120.0
+
+
+def new_run_id() -> str:
+    """6 hex digits: short enough for names, random so a new run never reuses the
+    namespace names of one the kernel is still tearing down."""
+    return secrets.token_hex(3)
+
+
+def up(cluster: Cluster, progress: Progress | None = None) -> Cluster:
+    if cluster.name in state.names():
+        info = state.load_info(cluster.name)
+        raise StateError(
+            f"cluster {cluster.name!r} is already up (run {info.run_id if info else '?'}): "
+            "run `testbed down` first (or `testbed clean` after a crash)"
+        )
+    cluster.assign_netns(new_run_id())
+    info = state.RunInfo(name=cluster.name, run_id=cluster.run_id, builder_pid=os.getpid(), topology=cluster.source)
+    state.create(info)
+    try:
+        state.save_cluster(cluster)
+        fabric.build(cluster, progress)
+        info.podserver_pid = start_podserver(cluster, info)
+        info.phase = "up"
+        state.save_info(info)
+    except BaseException:
+        clean.clean(cluster.run_id)
+        raise
+    return cluster
+
+
+def start_podserver(cluster: Cluster, info: state.RunInfo) -> int:
+    """Spawn the one process that serves every pod; wait until all sockets listen."""
+    if not any(p.ports for p in cluster.pods):
+        return 0
+    log = open(state.log_file(cluster.name), "ab")
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "testbed.podserver",
+            "--cluster", str(state.cluster_file(cluster.name)),
+            "--control", str(state.control_socket(cluster.name)),
+            "--log", str(state.log_file(cluster.name)),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        start_new_session=True,  # survives the CLI; Ctrl-C in the terminal does not reach it
+    )
+    log.close()
+    info.podserver_pid = proc.pid
+    state.save_info(info)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + PODSERVER_READY_TIMEOUT
+    line = b""
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([proc.stdout], [], [], 0.2)
+        if r:
+            line = proc.stdout.readline()
+            break
+        if proc.poll() is not None:
+            break
+    proc.stdout.close()
+    if line.strip() != b"ready":
+        proc.kill()
+        tail = state.log_file(cluster.name).read_text(errors="replace").strip().splitlines()[-1:]
+        raise KernelError(f"pod servers did not become ready: {tail[0] if tail else 'no output'}")
+    return proc.pid
+
+
+def down(name: str) -> clean.CleanReport:
+    """Stop the pod servers, delete the run's namespaces and its state (idempotent)."""
+    info = state.load_info(name)
+    if info is None:
+        state.remove(name)
+        return clean.CleanReport(run_dirs=[name])
+    info.phase = "stopping"
+    state.save_info(info)
+    return clean.clean(info.run_id)

@@ -17,7 +17,7 @@ from rich.table import Table
 from testbed import __version__
 from testbed.errors import InputError, NotRootError, TestbedError
 
-console = Console(highlight=False)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, highlight=False)
 
 
@@ -74,19 +74,30 @@ def _pod_states(name: str) -> dict[str, str]:
 
 
 def print_cluster(cluster, title: str, pod_states: dict[str, str] | None = None) -> None:  # noqa: ANN001
-    t = Table(title=title, title_justify="left")
-    for col in ("KIND", "NAME", "NODE", "IP", "PORTS", "STATUS"):
+    """kubectl-like tables: nodes, clients, pods."""
+    console.print(title)
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("NODE", "INTERNAL-IP", "POD-CIDR", "PODS", "NAMESPACE"):
         t.add_column(col)
     for n in cluster.nodes:
-        t.add_row("node", n.name, "", n.ip, f"podCIDR {n.pod_cidr}", "Ready")
-    for c in cluster.clients:
-        t.add_row("client", c.name, "", c.ip, "", "Ready")
+        t.add_row(n.name, n.ip, n.pod_cidr, str(len(cluster.pods_on(n.name))), n.netns)
+    console.print(t)
+    if cluster.clients:
+        t = Table(box=None, pad_edge=False, header_style="bold")
+        for col in ("CLIENT", "IP", "NAMESPACE"):
+            t.add_column(col)
+        for c in cluster.clients:
+            t.add_row(c.name, c.ip, c.netns)
+        console.print(t)
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("POD", "STATUS", "IP", "NODE", "PORTS"):
+        t.add_column(col, no_wrap=True)
     for p in cluster.pods:
-        ports = ",".join(f"{cp.port}/{cp.protocol}" for cp in p.ports)
+        ports = ",".join(f"{cp.port}/{cp.protocol}" for cp in p.ports) or "-"
         status = "Running"
         if pod_states is not None and p.ports:
             status = {"running": "Running", "stopped": "Stopped"}.get(pod_states.get(p.key, ""), "Unknown")
-        t.add_row("pod", p.key, p.node, p.ip, ports, status)
+        t.add_row(p.key, status, p.ip, p.node, ports)
     console.print(t)
 
 

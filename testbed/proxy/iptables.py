@@ -1,0 +1,795 @@
+"""kube-proxy's iptables mode as a pure function.
+
+:func:`render_iptables` returns exactly the buffer kube-proxy's ``syncProxyRules``
+(``pkg/proxy/iptables/proxier.go``, read at ``531be812``, v1.34-era master) feeds to
+``iptables-restore --noflush --counters``: ``*filter``, chain lines, rules, ``COMMIT``,
+``*nat``, chain lines, rules, ``COMMIT``. Rules are written in the order ``syncProxyRules``
+writes them; where kube-proxy iterates a Go map (the service map, the set of stale
+chains, the matching node IPs) this module uses a sorted order instead, so the output
+is deterministic. Compare with kube-proxy's test expectations after
+:func:`testbed.proxy.normalize.sort_iptables_rules`, as kube-proxy's own tests do.
+
+Text conventions copied from kube-proxy (not from ``iptables-save``, which prints rules
+differently: ``-d 172.30.0.41/32``, matches reordered, every non-alphanumeric comment
+quoted): multi-word comments are written wrapped in ``"``; the bare service-port name
+comment (``--comment ns1/svc1:p80``) is written unquoted.
+
+Things kube-proxy does outside the restore buffer are returned as data in
+:class:`IPTablesRender` for an applier: the jump rules from the built-in chains
+(:data:`JUMP_RULES`, ``iptables -C`` / ``-I`` on full syncs only), the nfacct counters to
+create, the canary chains. Partial syncs and stale-chain deletion: see
+:func:`render_iptables_sync`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Iterable, Mapping, Sequence
+
+from .types import (
+    Endpoint,
+    NamespacedName,
+    ServicePort,
+    ServicePortName,
+    categorize_endpoints,
+)
+
+__all__ = [
+    "IPTablesConfig",
+    "IPTablesRender",
+    "JumpRule",
+    "JUMP_RULES",
+    "CANARY_CHAIN",
+    "CANARY_TABLES",
+    "NFACCT_COUNTERS",
+    "LARGE_CLUSTER_ENDPOINTS_THRESHOLD",
+    "render_iptables",
+    "render_iptables_sync",
+    "chains_from_iptables_save",
+    "is_service_chain_name",
+    "port_proto_hash",
+    "service_port_endpoint_chain_name",
+    "compute_probability",
+    "format_masquerade_mark",
+]
+
+# Chain names (proxier.go constants).
+KUBE_SERVICES = "KUBE-SERVICES"
+KUBE_EXTERNAL_SERVICES = "KUBE-EXTERNAL-SERVICES"
+KUBE_NODEPORTS = "KUBE-NODEPORTS"
+KUBE_POSTROUTING = "KUBE-POSTROUTING"
+KUBE_MARK_MASQ = "KUBE-MARK-MASQ"
+KUBE_FORWARD = "KUBE-FORWARD"
+KUBE_PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
+KUBE_FIREWALL = "KUBE-FIREWALL"  # duplicate of kubelet's chain
+#: ``kubeProxyCanaryChain``, created by ``ipt.Monitor`` in :data:`CANARY_TABLES`; if it
+#: disappears, something flushed the tables and kube-proxy forces a full sync.
+CANARY_CHAIN = "KUBE-PROXY-CANARY"
+CANARY_TABLES = ("mangle", "nat", "filter")
+
+SVC_PREFIX = "KUBE-SVC-"
+SVL_PREFIX = "KUBE-SVL-"
+FW_PREFIX = "KUBE-FW-"
+EXT_PREFIX = "KUBE-EXT-"
+SEP_PREFIX = "KUBE-SEP-"
+_SERVICE_CHAIN_PREFIXES = (SVC_PREFIX, SVL_PREFIX, SEP_PREFIX, FW_PREFIX, EXT_PREFIX)
+
+#: ``largeClusterEndpointsThreshold``: above this many endpoints (summed over the service
+#: map), per-endpoint comments are dropped.
+LARGE_CLUSTER_ENDPOINTS_THRESHOLD = 1000
+
+#: ``metrics.IPTablesCTStateInvalidDroppedNFAcctCounter``
+NFACCT_CT_STATE_INVALID_DROPPED = "ct_state_invalid_dropped_pkts"
+#: ``metrics.LocalhostNodePortAcceptedNFAcctCounter``
+NFACCT_LOCALHOST_NODEPORT_ACCEPTED = "localhost_nps_accepted_pkts"
+NFACCT_COUNTERS = (NFACCT_CT_STATE_INVALID_DROPPED, NFACCT_LOCALHOST_NODEPORT_ACCEPTED)
+
+_IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_MUST_BE_LAST = '"kubernetes service nodeports; NOTE: this must be the last rule in this chain"'
+
+
+# --- base-chain jump rules (iptablesJumpChains + iptablesKubeletJumpChains) -----------
+
+
+@dataclass(frozen=True, slots=True)
+class JumpRule:
+    """A jump from a built-in chain that kube-proxy ensures with ``EnsureChain(table,
+    target)`` then ``EnsureRule(Prepend, table, chain, args...)`` on every full sync.
+
+    ``args`` are the rule arguments after ``-t table -I chain``; the comment is one
+    argv element (no quotes). ``iptables -w -t T -C CHAIN args`` tests for it;
+    ``iptables -w -t T -I CHAIN args`` prepends it. Because each is prepended, on an
+    empty table the final order in a built-in chain is the reverse of :data:`JUMP_RULES`.
+    """
+
+    table: str
+    chain: str
+    target: str
+    args: tuple[str, ...]
+
+    def check_argv(self) -> list[str]:
+        return ["-t", self.table, "-C", self.chain, *self.args]
+
+    def insert_argv(self) -> list[str]:
+        return ["-t", self.table, "-I", self.chain, *self.args]
+
+
+def _jump(table: str, target: str, chain: str, comment: str, extra: Sequence[str] = ()) -> JumpRule:
+    args = list(extra)
+    if comment:
+        args += ["-m", "comment", "--comment", comment]
+    args += ["-j", target]
+    return JumpRule(table, chain, target, tuple(args))
+
+
+_NEW = ("-m", "conntrack", "--ctstate", "NEW")
+
+#: In kube-proxy's order (``iptablesJumpChains`` then ``iptablesKubeletJumpChains``).
+JUMP_RULES: tuple[JumpRule, ...] = (
+    _jump("filter", KUBE_EXTERNAL_SERVICES, "INPUT", "kubernetes externally-visible service portals", _NEW),
+    _jump("filter", KUBE_EXTERNAL_SERVICES, "FORWARD", "kubernetes externally-visible service portals", _NEW),
+    _jump("filter", KUBE_NODEPORTS, "INPUT", "kubernetes health check service ports"),
+    _jump("filter", KUBE_SERVICES, "FORWARD", "kubernetes service portals", _NEW),
+    _jump("filter", KUBE_SERVICES, "OUTPUT", "kubernetes service portals", _NEW),
+    _jump("filter", KUBE_FORWARD, "FORWARD", "kubernetes forwarding rules"),
+    _jump("filter", KUBE_PROXY_FIREWALL, "INPUT", "kubernetes load balancer firewall", _NEW),
+    _jump("filter", KUBE_PROXY_FIREWALL, "OUTPUT", "kubernetes load balancer firewall", _NEW),
+    _jump("filter", KUBE_PROXY_FIREWALL, "FORWARD", "kubernetes load balancer firewall", _NEW),
+    _jump("nat", KUBE_SERVICES, "OUTPUT", "kubernetes service portals"),
+    _jump("nat", KUBE_SERVICES, "PREROUTING", "kubernetes service portals"),
+    _jump("nat", KUBE_POSTROUTING, "POSTROUTING", "kubernetes postrouting rules"),
+    _jump("filter", KUBE_FIREWALL, "INPUT", ""),
+    _jump("filter", KUBE_FIREWALL, "OUTPUT", ""),
+)
+
+
+# --- names, hashes, probabilities ---------------------------------------------------
+
+
+@lru_cache(maxsize=1 << 17)
+def port_proto_hash(service_port_name: str, protocol: str) -> str:
+    """``portProtoHash``: first 16 chars of base32(sha256(name + lowercase protocol))."""
+    digest = hashlib.sha256((service_port_name + protocol).encode()).digest()
+    return base64.b32encode(digest)[:16].decode()
+
+
+@lru_cache(maxsize=1 << 18)
+def service_port_endpoint_chain_name(service_port_name: str, protocol: str, endpoint: str) -> str:
+    """``servicePortEndpointChainName``: ``KUBE-SEP-`` + 16 chars of
+    base32(sha256(name + lowercase protocol + "ip:port"))."""
+    digest = hashlib.sha256((service_port_name + protocol + endpoint).encode()).digest()
+    return SEP_PREFIX + base64.b32encode(digest)[:16].decode()
+
+
+def is_service_chain_name(chain: str) -> bool:
+    """``isServiceChainName``: a KUBE-SVC-/SVL-/SEP-/FW-/EXT- chain."""
+    return chain.startswith(_SERVICE_CHAIN_PREFIXES)
+
+
+@lru_cache(maxsize=4096)
+def compute_probability(n: int) -> str:
+    """``computeProbability``: Go ``fmt.Sprintf("%0.10f", 1.0/float64(n))``. Both Go and
+    Python round the exact binary value correctly, so the strings agree."""
+    return "%0.10f" % (1.0 / n)
+
+
+def format_masquerade_mark(bit: int) -> str:
+    """``fmt.Sprintf("%#08x", 1<<bit)`` as in ``NewProxier``: ``0x00004000`` for 14
+    (Go pads eight digits after the ``0x``)."""
+    return "0x%08x" % (1 << bit)
+
+
+def chains_from_iptables_save(text: str) -> set[str]:
+    """``utiliptables.GetChainsFromTable``: the chain names declared in
+    ``iptables-save -t nat`` output (lines ``:NAME POLICY [p:b]``)."""
+    chains = set()
+    for line in text.splitlines():
+        if line.startswith(":"):
+            end = line.find(" ")
+            chains.add(line[1:end] if end > 0 else line[1:])
+    return chains
+
+
+# --- configuration ------------------------------------------------------------------
+
+
+@dataclass
+class IPTablesConfig:
+    """kube-proxy flags/fields that shape the iptables rules (names after the flags).
+
+    * ``hostname_override``: the node name (``--hostname-override``); endpoints whose
+      ``nodeName`` equals it are local.
+    * ``node_ip``: the node's primary IP (``nodeIPs[family]``); used by
+      loadBalancerSourceRanges ("allow from node" rules).
+    * ``cluster_cidr``: ``--cluster-cidr`` (comma list allowed; the family's entry is
+      used). ``None``/empty: no-op local-traffic detector (no ``-s``/``! -s`` rules).
+    * ``masquerade_bit`` (``--iptables-masquerade-bit``, 14) and ``masquerade_mark``: the
+      mark string; ``None`` means kube-proxy's own ``%#08x`` formatting (``0x00004000``).
+      kube-proxy's unit tests (``NewFakeProxier``) set ``"0x4000"``.
+    * ``masquerade_all``: ``--masquerade-all``.
+    * ``nodeport_addresses``: ``--nodeport-addresses`` CIDRs; empty (or none of this
+      family, or a ``0.0.0.0/0``) means "match all" (``-m addrtype --dst-type LOCAL``).
+    * ``node_addresses``: every address on the node's interfaces (``net.InterfaceAddrs``)
+      used to resolve ``nodeport_addresses``; ``None`` means ``[node_ip, 127.0.0.1]``.
+    * ``localhost_nodeports``: ``--iptables-localhost-nodeports`` (default true). As in
+      ``NewProxier`` it is forced off when ``nodeport_addresses`` holds no IPv4 loopback
+      address, and for IPv6.
+    * ``nfacct``: whether the nfacct counters exist (``nfacct.Ensure`` succeeded); adds
+      the ``-m nfacct`` matches.
+    * ``random_fully``: ``iptables.HasRandomFully()`` (iptables >= 1.6.2: true on this
+      machine; the unit tests' fake says false).
+    * ``tcp_be_liberal``: sysctl ``net.netfilter.nf_conntrack_tcp_be_liberal`` != 0: no
+      INVALID drop rule.
+    * ``ip_family``: ``IPv4`` or ``IPv6`` (the single-stack proxier's family).
+    * ``topology_labels``: this node's topology labels (``topology.kubernetes.io/zone``)
+      for topology-aware routing; ``prefer_same_traffic_distribution``: that feature gate.
+    """
+
+    hostname_override: str = ""
+    node_ip: str | None = None
+    cluster_cidr: str | None = None
+    masquerade_bit: int = 14
+    masquerade_mark: str | None = None
+    masquerade_all: bool = False
+    nodeport_addresses: Sequence[str] = ()
+    node_addresses: Sequence[str] | None = None
+    localhost_nodeports: bool = True
+    nfacct: bool = True
+    random_fully: bool = True
+    tcp_be_liberal: bool = False
+    ip_family: str = "IPv4"
+    topology_labels: Mapping[str, str] = field(default_factory=dict)
+    prefer_same_traffic_distribution: bool = True
+
+    @property
+    def mark(self) -> str:
+        return self.masquerade_mark if self.masquerade_mark else format_masquerade_mark(self.masquerade_bit)
+
+    @property
+    def is_ipv6(self) -> bool:
+        return self.ip_family == "IPv6"
+
+    def localhost_nodeports_enabled(self) -> bool:
+        """``localhostNodePorts`` after ``NewProxier``/``NewDualStackProxier``: off for
+        IPv6 and when ``--nodeport-addresses`` contains no IPv4 loopback address. Only
+        then does kube-proxy set sysctl ``net/ipv4/conf/all/route_localnet=1``."""
+        if not self.localhost_nodeports or self.is_ipv6:
+            return False
+        return _NodePortAddresses(self.ip_family, self.nodeport_addresses).contains_ipv4_loopback
+
+    def local_cidr(self) -> str | None:
+        """The ``--cluster-cidr`` entry of this family (``NewDetectLocalByCIDR``)."""
+        if not self.cluster_cidr:
+            return None
+        for part in self.cluster_cidr.split(","):
+            part = part.strip()
+            if part and (":" in part) == self.is_ipv6:
+                return part
+        return None
+
+
+class _NodePortAddresses:
+    """``proxyutil.NodePortAddresses`` (``nodeport_addresses.go``)."""
+
+    def __init__(self, ip_family: str, cidrs: Sequence[str]):
+        v6 = ip_family == "IPv6"
+        nets = []
+        for text in cidrs:
+            try:
+                net = ipaddress.ip_network(text.strip(), strict=False)
+            except ValueError:
+                continue
+            if (net.version == 6) == v6:
+                nets.append(net)
+        if not nets:
+            nets = [ipaddress.ip_network("::/0" if v6 else "0.0.0.0/0")]
+        self.cidrs: list[_IPNetwork] = []
+        self.match_all = False
+        self.contains_ipv4_loopback = False
+        loop = ipaddress.ip_address("127.0.0.0")
+        for net in nets:
+            if net.version == 4 and (net.network_address.is_loopback or loop in net):
+                self.contains_ipv4_loopback = True
+            if net.prefixlen == 0:
+                self.cidrs = [net]
+                self.match_all = True
+                break
+            self.cidrs.append(net)
+
+    def node_ips(self, addresses: Iterable[str]) -> list[_IPAddress]:
+        """``GetNodeIPs``: the node addresses inside the CIDRs (kube-proxy dedups through
+        a Go map, so its order is random; here: sorted)."""
+        found = {}
+        for text in addresses:
+            try:
+                ip = ipaddress.ip_address(text.split("/")[0])
+            except ValueError:
+                continue
+            for net in self.cidrs:
+                if ip.version == net.version and ip in net:
+                    found[str(ip)] = ip
+        return sorted(found.values())
+
+
+# --- result -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IPTablesRender:
+    """One sync's output.
+
+    * ``text``: the ``iptables-restore --noflush --counters`` input.
+    * ``full_sync``: whether every service's chains were written.
+    * ``filter_rules_count``: ``sync_proxy_rules_iptables_total{table="filter"}``.
+    * ``nat_rules_count``: ``sync_proxy_rules_iptables_total{table="nat"}``: rules that
+      exist after this restore (written + kept unchanged - deleted chains).
+    * ``nat_rules_synced``: ``sync_proxy_rules_iptables_last{table="nat"}``.
+    * ``active_nat_chains``: service chains this sync wants (written or kept).
+    * ``deleted_nat_chains``: stale chains flushed and ``-X``\\ ed by ``text``.
+    * ``jump_rules`` / ``nfacct_counters``: what kube-proxy ensures outside the restore,
+      on full syncs only (empty on partial syncs).
+    * ``localhost_nodeports``: the effective setting; when true kube-proxy sets sysctl
+      ``net/ipv4/conf/all/route_localnet=1``.
+    """
+
+    text: str
+    full_sync: bool
+    filter_rules_count: int
+    nat_rules_count: int
+    nat_rules_synced: int
+    active_nat_chains: frozenset[str]
+    deleted_nat_chains: tuple[str, ...]
+    large_cluster_mode: bool
+    total_endpoints: int
+    no_local_endpoints_internal: int
+    no_local_endpoints_external: int
+    jump_rules: tuple[JumpRule, ...]
+    nfacct_counters: tuple[str, ...]
+    health_check_node_ports: Mapping[NamespacedName, int]
+    localhost_nodeports: bool = False
+
+
+class _Discard(list):
+    """``proxyutil.NewDiscardLineBuffer``: counts lines, keeps nothing."""
+
+    __slots__ = ("lines",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines = 0
+
+    def append(self, _line: str) -> None:  # type: ignore[override]
+        self.lines += 1
+
+
+# --- the sync -----------------------------------------------------------------------
+
+
+def render_iptables(
+    services: Mapping[ServicePortName, ServicePort],
+    endpoints: Mapping[ServicePortName, Sequence[Endpoint]],
+    config: IPTablesConfig,
+    *,
+    changed: Iterable[ServicePortName | NamespacedName | tuple[str, str]] | None = None,
+    existing_nat_chains: str | Iterable[str] | None = None,
+) -> str:
+    """The ``iptables-restore`` input of one sync. See :func:`render_iptables_sync`."""
+    return render_iptables_sync(
+        services, endpoints, config, changed=changed, existing_nat_chains=existing_nat_chains
+    ).text
+
+
+def render_iptables_sync(
+    services: Mapping[ServicePortName, ServicePort],
+    endpoints: Mapping[ServicePortName, Sequence[Endpoint]],
+    config: IPTablesConfig,
+    *,
+    changed: Iterable[ServicePortName | NamespacedName | tuple[str, str]] | None = None,
+    existing_nat_chains: str | Iterable[str] | None = None,
+) -> IPTablesRender:
+    """``Proxier.syncProxyRules`` for the given service and endpoints maps.
+
+    * ``changed=None``: a full sync (``needFullSync``): every service's SVC/SVL/EXT/FW/SEP
+      chains are declared and written.
+    * ``changed=<set>``: a partial sync: only Services named in the set (by namespace
+      and name, as kube-proxy's ``UpdatedServices``; a ``ServicePortName`` stands for its
+      Service) get their chains written; the other chains are left to the kernel. The
+      top-level chains (KUBE-SERVICES, KUBE-NODEPORTS, ...) are always rewritten.
+      :func:`testbed.proxy.servicemap.changed_services` computes the set. As in
+      kube-proxy, a partial sync is only correct on top of a successful previous sync
+      with the same ``config``: do a full sync first, after a failed restore, after a
+      config or topology-label change, and periodically (``FullSyncPeriod``).
+    * ``existing_nat_chains``: the chains now in the kernel's nat table (the output of
+      ``iptables-save -t nat``, or the names). Every KUBE-SVC-/SVL-/SEP-/FW-/EXT- chain
+      there that this sync does not want is flushed (``:CHAIN - [0:0]``) and deleted
+      (``-X CHAIN``). ``None`` skips that step, which is what kube-proxy does in large-
+      cluster mode until ``syncPeriod`` has passed since the last cleanup.
+    """
+    full_sync = changed is None
+    changed_nn: set[tuple[str, str]] = set()
+    if changed is not None:
+        for item in changed:
+            if isinstance(item, ServicePortName):
+                changed_nn.add((item.namespace, item.name))
+            else:
+                changed_nn.add((item[0], item[1]))
+
+    is_v6 = config.is_ipv6
+    mark = config.mark
+    node_name = config.hostname_override
+    topo = config.topology_labels
+    prefer_node = config.prefer_same_traffic_distribution
+    local_cidr = config.local_cidr()
+    npa = _NodePortAddresses(config.ip_family, config.nodeport_addresses)
+    localhost_nodeports = config.localhost_nodeports_enabled()
+    localhost_np_rule = localhost_nodeports and config.nfacct  # && ipFamily == IPv4 (implied)
+    node_ip = None
+    if config.node_ip:
+        try:
+            node_ip = ipaddress.ip_address(config.node_ip)
+        except ValueError:
+            node_ip = None
+
+    filter_chains: list[str] = []
+    filter_rules: list[str] = []
+    nat_chains: list[str] = []
+    nat_rules: list[str] = []
+    skipped_chains = _Discard()
+    skipped_rules = _Discard()
+
+    for chain in (KUBE_SERVICES, KUBE_EXTERNAL_SERVICES, KUBE_FORWARD, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL):
+        filter_chains.append(f":{chain} - [0:0]")
+    for chain in (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ):
+        nat_chains.append(f":{chain} - [0:0]")
+
+    nat_rules.append(f"-A {KUBE_POSTROUTING} -m mark ! --mark {mark}/{mark} -j RETURN")
+    nat_rules.append(f"-A {KUBE_POSTROUTING} -j MARK --xor-mark {mark}")
+    masq = f'-A {KUBE_POSTROUTING} -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE'
+    nat_rules.append(masq + " --random-fully" if config.random_fully else masq)
+    nat_rules.append(f"-A {KUBE_MARK_MASQ} -j MARK --or-mark {mark}")
+
+    if not is_v6 and localhost_nodeports:
+        filter_chains.append(f":{KUBE_FIREWALL} - [0:0]")
+        filter_rules.append(
+            f'-A {KUBE_FIREWALL} -m comment --comment "block incoming localnet connections" '
+            "-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+        )
+
+    active: set[str] = set()
+
+    total_endpoints = 0
+    for spn in services:
+        eps = endpoints.get(spn)
+        if eps:
+            total_endpoints += len(eps)
+    large = total_endpoints > LARGE_CLUSTER_ENDPOINTS_THRESHOLD
+
+    no_local_internal = 0
+    no_local_external = 0
+    hc_ports: dict[NamespacedName, int] = {}
+
+    if_not_local = f" ! -s {local_cidr}" if local_cidr else ""
+
+    for spn in sorted(services):
+        svc = services[spn]
+        proto = svc.protocol.lower()
+        name = str(spn)
+        h = port_proto_hash(name, proto)
+        svc_chain = SVC_PREFIX + h
+        svl_chain = SVL_PREFIX + h
+        fw_chain = FW_PREFIX + h
+        ext_chain = EXT_PREFIX + h
+        if svc.health_check_node_port:
+            hc_ports[spn.namespaced_name] = svc.health_check_node_port
+
+        cluster_eps, local_eps, reachable, has_endpoints = categorize_endpoints(
+            endpoints.get(spn), svc, node_name, topo, prefer_same_node=prefer_node
+        )
+        uses_cluster_chain = bool(cluster_eps) and svc.uses_cluster_endpoints()
+        uses_local_chain = bool(local_eps) and svc.uses_local_endpoints()
+
+        internal_chain = svc_chain
+        has_internal = has_endpoints
+        if svc.internal_policy_local:
+            internal_chain = svl_chain
+            if not local_eps:
+                has_internal = False
+        external_policy_chain = svc_chain
+        has_external = has_endpoints
+        if svc.external_policy_local:
+            external_policy_chain = svl_chain
+            if not local_eps:
+                has_external = False
+        uses_ext = has_endpoints and svc.externally_accessible()
+        uses_fw = has_endpoints and bool(svc.load_balancer_vips) and bool(svc.load_balancer_source_ranges)
+        lb_chain = fw_chain if uses_fw else ext_chain
+
+        int_target = int_comment = ext_target = ext_comment = ""
+        if not has_endpoints:
+            int_target = ext_target = "REJECT"
+            int_comment = ext_comment = f'"{name} has no endpoints"'
+        else:
+            if not has_internal:
+                int_target = "DROP"
+                int_comment = f'"{name} has no local endpoints"'
+                no_local_internal += 1
+            if not has_external:
+                ext_target = "DROP"
+                ext_comment = f'"{name} has no local endpoints"'
+                no_local_external += 1
+
+        pmatch = f"-m {proto} -p {proto}"
+        dport = f"--dport {svc.port}"
+        cip = svc.cluster_ip
+
+        # Capture the clusterIP.
+        if has_internal:
+            nat_rules.append(
+                f'-A {KUBE_SERVICES} -m comment --comment "{name} cluster IP" {pmatch} -d {cip} {dport} -j {internal_chain}'
+            )
+        else:
+            filter_rules.append(
+                f"-A {KUBE_SERVICES} -m comment --comment {int_comment} {pmatch} -d {cip} {dport} -j {int_target}"
+            )
+
+        # Capture externalIPs.
+        for eip in svc.external_ips:
+            if has_endpoints:
+                nat_rules.append(
+                    f'-A {KUBE_SERVICES} -m comment --comment "{name} external IP" {pmatch} -d {eip} {dport} -j {ext_chain}'
+                )
+            if not has_external:
+                filter_rules.append(
+                    f"-A {KUBE_EXTERNAL_SERVICES} -m comment --comment {ext_comment} {pmatch} -d {eip} {dport} -j {ext_target}"
+                )
+
+        # Capture load-balancer ingress.
+        for lbip in svc.load_balancer_vips:
+            if has_endpoints:
+                nat_rules.append(
+                    f'-A {KUBE_SERVICES} -m comment --comment "{name} loadbalancer IP" {pmatch} -d {lbip} {dport} -j {lb_chain}'
+                )
+            if uses_fw:
+                filter_rules.append(
+                    f'-A {KUBE_PROXY_FIREWALL} -m comment --comment "{name} traffic not accepted by {fw_chain}" '
+                    f"{pmatch} -d {lbip} {dport} -j DROP"
+                )
+        if not has_external:
+            for lbip in svc.load_balancer_vips:
+                filter_rules.append(
+                    f"-A {KUBE_EXTERNAL_SERVICES} -m comment --comment {ext_comment} {pmatch} -d {lbip} {dport} -j {ext_target}"
+                )
+
+        # Capture nodeports.
+        if svc.node_port:
+            if has_endpoints:
+                if localhost_np_rule:
+                    nat_rules.append(
+                        f"-A {KUBE_NODEPORTS} -m comment --comment {name} {pmatch} -d 127.0.0.0/8 --dport {svc.node_port} "
+                        f"-m nfacct --nfacct-name {NFACCT_LOCALHOST_NODEPORT_ACCEPTED} -j {ext_chain}"
+                    )
+                nat_rules.append(
+                    f"-A {KUBE_NODEPORTS} -m comment --comment {name} {pmatch} --dport {svc.node_port} -j {ext_chain}"
+                )
+            if not has_external:
+                filter_rules.append(
+                    f"-A {KUBE_EXTERNAL_SERVICES} -m comment --comment {ext_comment} -m addrtype --dst-type LOCAL "
+                    f"{pmatch} --dport {svc.node_port} -j {ext_target}"
+                )
+
+        # Capture healthCheckNodePorts.
+        if svc.health_check_node_port:
+            filter_rules.append(
+                f'-A {KUBE_NODEPORTS} -m comment --comment "{name} health check node port" '
+                f"-m tcp -p tcp --dport {svc.health_check_node_port} -j ACCEPT"
+            )
+
+        # Unchanged services keep their SVC/SVL/EXT/FW/SEP chains (partial sync).
+        if full_sync or (spn.namespace, spn.name) in changed_nn:
+            chains_out: list[str] = nat_chains
+            rules_out: list[str] = nat_rules
+        else:
+            chains_out = skipped_chains
+            rules_out = skipped_rules
+
+        # Internal traffic handling.
+        if has_internal:
+            args = f'-m comment --comment "{name} cluster IP" {pmatch} -d {cip} {dport}'
+            if config.masquerade_all:
+                rules_out.append(f"-A {internal_chain} {args} -j {KUBE_MARK_MASQ}")
+            elif local_cidr:
+                rules_out.append(f"-A {internal_chain} {args}{if_not_local} -j {KUBE_MARK_MASQ}")
+
+        # External traffic handling.
+        if uses_ext:
+            chains_out.append(f":{ext_chain} - [0:0]")
+            active.add(ext_chain)
+            if not svc.external_policy_local:
+                rules_out.append(
+                    f'-A {ext_chain} -m comment --comment "masquerade traffic for {name} external destinations" -j {KUBE_MARK_MASQ}'
+                )
+            else:
+                if local_cidr:
+                    rules_out.append(
+                        f'-A {ext_chain} -m comment --comment "pod traffic for {name} external destinations" '
+                        f"-s {local_cidr} -j {svc_chain}"
+                    )
+                rules_out.append(
+                    f'-A {ext_chain} -m comment --comment "masquerade LOCAL traffic for {name} external destinations" '
+                    f"-m addrtype --src-type LOCAL -j {KUBE_MARK_MASQ}"
+                )
+                rules_out.append(
+                    f'-A {ext_chain} -m comment --comment "route LOCAL traffic for {name} external destinations" '
+                    f"-m addrtype --src-type LOCAL -j {svc_chain}"
+                )
+            if has_external:
+                rules_out.append(f"-A {ext_chain} -j {external_policy_chain}")
+
+        # Firewall chain (loadBalancerSourceRanges).
+        if uses_fw:
+            chains_out.append(f":{fw_chain} - [0:0]")
+            active.add(fw_chain)
+            fw_args = f'-A {fw_chain} -m comment --comment "{name} loadbalancer IP"'
+            allow_from_node = False
+            for cidr in svc.load_balancer_source_ranges:
+                rules_out.append(f"{fw_args} -s {cidr} -j {ext_chain}")
+                if node_ip is not None and _cidr_contains(cidr, node_ip):
+                    allow_from_node = True
+            if allow_from_node:
+                for lbip in svc.load_balancer_vips:
+                    rules_out.append(f"{fw_args} -s {lbip} -j {ext_chain}")
+            rules_out.append(
+                f'-A {fw_chain} -m comment --comment "other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL"'
+            )
+
+        # KUBE-SEP-* names of every endpoint a SVC/SVL chain may jump to (kube-proxy
+        # keeps one per endpointInfo; all of them are in `reachable`).
+        sep_names: dict[str, str] = {}
+        for ep in (*reachable, *cluster_eps, *local_eps):
+            if ep.endpoint not in sep_names:
+                sep_names[ep.endpoint] = service_port_endpoint_chain_name(name, proto, ep.endpoint)
+
+        if uses_cluster_chain:
+            chains_out.append(f":{svc_chain} - [0:0]")
+            active.add(svc_chain)
+            _service_to_endpoint_rules(rules_out, name, svc, svc_chain, cluster_eps, sep_names, large)
+        if uses_local_chain:
+            chains_out.append(f":{svl_chain} - [0:0]")
+            active.add(svl_chain)
+            _service_to_endpoint_rules(rules_out, name, svc, svl_chain, local_eps, sep_names, large)
+
+        # Per-endpoint chains.
+        affinity = svc.session_affinity_client_ip
+        tail = f" {pmatch} -j DNAT --to-destination "
+        for ep in reachable:
+            sep = sep_names[ep.endpoint]
+            chains_out.append(f":{sep} - [0:0]")
+            active.add(sep)
+            head = f"-A {sep}" if large else f"-A {sep} -m comment --comment {name}"
+            rules_out.append(f"{head} -s {ep.ip} -j {KUBE_MARK_MASQ}")
+            if affinity:
+                rules_out.append(f"{head} -m recent --name {sep} --set{tail}{ep.endpoint}")
+            else:
+                rules_out.append(f"{head}{tail}{ep.endpoint}")
+
+    # Delete chains no longer in use.
+    deleted: list[str] = []
+    if existing_nat_chains is not None:
+        existing = (
+            chains_from_iptables_save(existing_nat_chains)
+            if isinstance(existing_nat_chains, str)
+            else set(existing_nat_chains)
+        )
+        for chain in sorted(existing - active):
+            if not is_service_chain_name(chain):
+                continue
+            nat_chains.append(f":{chain} - [0:0]")
+            nat_rules.append(f"-X {chain}")
+            deleted.append(chain)
+
+    # Finally, tail-call to the nodePorts chain.
+    if npa.match_all:
+        dest = "-m addrtype --dst-type LOCAL"
+        if is_v6:
+            dest += " ! -d ::1/128"
+        elif not localhost_nodeports:
+            dest += " ! -d 127.0.0.0/8"
+        nat_rules.append(f"-A {KUBE_SERVICES} -m comment --comment {_MUST_BE_LAST} {dest} -j {KUBE_NODEPORTS}")
+    else:
+        addresses = config.node_addresses
+        if addresses is None:
+            addresses = [a for a in (config.node_ip, "::1" if is_v6 else "127.0.0.1") if a]
+        for ip in npa.node_ips(addresses):
+            if ip.is_loopback and (is_v6 or not localhost_nodeports):
+                continue
+            nat_rules.append(f"-A {KUBE_SERVICES} -m comment --comment {_MUST_BE_LAST} -d {ip} -j {KUBE_NODEPORTS}")
+
+    # Drop INVALID packets unless nf_conntrack_tcp_be_liberal is set.
+    if not config.tcp_be_liberal:
+        if config.nfacct:
+            filter_rules.append(
+                f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -m nfacct --nfacct-name {NFACCT_CT_STATE_INVALID_DROPPED} -j DROP"
+            )
+        else:
+            filter_rules.append(f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -j DROP")
+    filter_rules.append(
+        f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding rules" -m mark --mark {mark}/{mark} -j ACCEPT'
+    )
+    filter_rules.append(
+        f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding conntrack rule" '
+        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    )
+
+    parts = ["*filter"]
+    parts += filter_chains
+    parts += filter_rules
+    parts.append("COMMIT")
+    parts.append("*nat")
+    parts += nat_chains
+    parts += nat_rules
+    parts.append("COMMIT")
+    text = "\n".join(parts) + "\n"
+
+    return IPTablesRender(
+        text=text,
+        full_sync=full_sync,
+        filter_rules_count=len(filter_rules),
+        nat_rules_count=len(nat_rules) + skipped_rules.lines - len(deleted),
+        nat_rules_synced=len(nat_rules) - len(deleted),
+        active_nat_chains=frozenset(active),
+        deleted_nat_chains=tuple(deleted),
+        large_cluster_mode=large,
+        total_endpoints=total_endpoints,
+        no_local_endpoints_internal=no_local_internal,
+        no_local_endpoints_external=no_local_external,
+        jump_rules=JUMP_RULES if full_sync else (),
+        nfacct_counters=NFACCT_COUNTERS if full_sync else (),
+        health_check_node_ports=hc_ports,
+        localhost_nodeports=localhost_nodeports,
+    )
+
+
+def _service_to_endpoint_rules(
+    out: list[str],
+    name: str,
+    svc: ServicePort,
+    chain: str,
+    eps: Sequence[Endpoint],
+    sep_names: Mapping[str, str],
+    large: bool,
+) -> None:
+    """``writeServiceToEndpointRules``: affinity checks, then the random choice."""
+    if svc.session_affinity_client_ip:
+        seconds = svc.session_affinity_timeout
+        for ep in eps:
+            sep = sep_names[ep.endpoint]
+            head = f"-A {chain}" if large else f'-A {chain} -m comment --comment "{name} -> {ep.endpoint}"'
+            out.append(f"{head} -m recent --name {sep} --rcheck --seconds {seconds} --reap -j {sep}")
+    n = len(eps)
+    last = n - 1
+    for i, ep in enumerate(eps):
+        sep = sep_names[ep.endpoint]
+        head = f"-A {chain}" if large else f'-A {chain} -m comment --comment "{name} -> {ep.endpoint}"'
+        if i < last:
+            out.append(f"{head} -m statistic --mode random --probability {compute_probability(n - i)} -j {sep}")
+        else:
+            out.append(f"{head} -j {sep}")
+
+
+@lru_cache(maxsize=4096)
+def _parse_net(cidr: str) -> _IPNetwork:
+    return ipaddress.ip_network(cidr, strict=False)
+
+
+def _cidr_contains(cidr: str, ip: _IPAddress) -> bool:
+    try:
+        net = _parse_net(cidr)
+    except ValueError:
+        return False
+    return ip.version == net.version and ip in net

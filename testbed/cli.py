@@ -39,9 +39,13 @@ def _need_root(what: str) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     from testbed import lifecycle, topology
 
+    from testbed import controlplane
+
     cluster = topology.load(args.topology)  # validated before anything is created
     if args.name:
         cluster.name = args.name
+    cluster.extra["proxy"] = {"mode": args.proxy_mode, "backend": args.iptables_backend}
+    controlplane.admit_all(cluster)  # kube-apiserver admission: bad Services fail here
     _need_root("up")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -181,6 +185,191 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules(args: argparse.Namespace) -> int:
+    from testbed import kubeproxy, lifecycle, state
+
+    _need_root("rules")
+    cluster = state.load_cluster(state.resolve(args.name))
+    try:
+        cluster.node(args.node)
+    except KeyError:
+        raise InputError(f'Invalid value: "{args.node}": no node of that name in cluster {cluster.name}', field="NODE") from None
+    backend = lifecycle.proxy_settings(cluster)["backend"]
+    sys.stdout.write(kubeproxy.live_rules(cluster, args.node, backend, args.service))
+    return 0
+
+
+def _workload_ref(text: str) -> tuple[str, str]:
+    kinds = {"deployment": "Deployment", "deploy": "Deployment", "deployments": "Deployment",
+             "statefulset": "StatefulSet", "sts": "StatefulSet", "statefulsets": "StatefulSet",
+             "replicaset": "ReplicaSet", "rs": "ReplicaSet", "replicasets": "ReplicaSet"}
+    kind, _, name = text.partition("/")
+    if not name or kind.lower() not in kinds:
+        raise InputError(f'Invalid value: "{text}": expected deployment/NAME, statefulset/NAME or replicaset/NAME', field="RESOURCE")
+    return kinds[kind.lower()], name
+
+
+def _summary(results) -> str:  # noqa: ANN001
+    if not results:
+        return ""
+    apply_ms = sum(r.apply_s for r in results) * 1000
+    return f"; kube-proxy resynced {len(results)} nodes ({apply_ms:.0f} ms applying)"
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from testbed import lifecycle, state, workloads
+
+    _need_root("scale")
+    kind, name = _workload_ref(args.resource)
+    cname = state.resolve(args.name)
+    with state.locked(cname):
+        cluster = state.load_cluster(cname)
+        added, removed = workloads.scale(cluster, kind, args.namespace, name, args.replicas)
+        results = lifecycle.change_pods(cluster, added, removed)
+    console.print(f"{kind.lower()}.apps/{name} scaled (+{len(added)} -{len(removed)} pods){_summary(results)}")
+    return 0
+
+
+def _read_manifests(files: list[str]) -> list[tuple[str, dict]]:
+    from testbed import topology
+
+    out = []
+    for f in files:
+        for obj in topology.read_yaml_documents(f):
+            if obj.get("kind") != "Topology":
+                out.append((f, obj))
+    return out
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from testbed import lifecycle, state
+    from testbed import manifests as mf
+
+    _need_root("apply")
+    docs = _read_manifests(args.filename)
+    cname = state.resolve(args.name)
+    with state.locked(cname):
+        cluster = state.load_cluster(cname)
+        lines, added, removed = mf.apply(cluster, docs)  # all validated before anything changes
+        results = lifecycle.change_pods(cluster, added, removed)
+    for line in lines:
+        console.print(line)
+    console.print(_summary(results).lstrip("; "))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from testbed import lifecycle, state
+    from testbed import manifests as mf
+
+    _need_root("delete")
+    docs = _read_manifests(args.filename)
+    cname = state.resolve(args.name)
+    with state.locked(cname):
+        cluster = state.load_cluster(cname)
+        lines, removed = mf.delete(cluster, docs)
+        results = lifecycle.change_pods(cluster, [], removed)
+    for line in lines:
+        console.print(line)
+    console.print(_summary(results).lstrip("; "))
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    import yaml
+
+    from testbed import state
+
+    cluster = state.load_cluster(state.resolve(args.name))
+    kind = {"svc": "services", "service": "services", "ep": "endpointslices", "endpointslice": "endpointslices",
+            "po": "pods", "pod": "pods"}.get(args.resource, args.resource)
+    if kind == "pods":
+        items = [{"apiVersion": "v1", "kind": "Pod",
+                  "metadata": {"name": p.name, "namespace": p.namespace, "labels": p.labels},
+                  "spec": {"nodeName": p.node, "hostname": p.hostname, "subdomain": p.subdomain,
+                           "containers": [{"ports": [{"containerPort": cp.port, "protocol": cp.protocol, **({"name": cp.name} if cp.name else {})} for cp in p.ports]}]},
+                  "status": {"podIP": p.ip, "phase": "Running", "conditions": [{"type": "Ready", "status": str(p.ready)}]}}
+                 for p in cluster.pods]
+    elif kind in ("services", "endpointslices"):
+        items = getattr(cluster, kind)
+    else:
+        raise InputError(f'the server doesn\'t have a resource type "{args.resource}"')
+    if args.output == "yaml":
+        sys.stdout.write(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": items}, sort_keys=False))
+        return 0
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    if kind == "services":
+        for col in ("NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)"):
+            t.add_column(col, no_wrap=True)
+        for s in items:
+            spec = s.get("spec") or {}
+            ext = [i.get("ip") for i in ((s.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []]
+            ext += spec.get("externalIPs") or []
+            if spec.get("type") == "ExternalName":
+                ext = [spec.get("externalName", "")]
+            ports = ",".join(f"{p.get('port')}{':' + str(p['nodePort']) if p.get('nodePort') else ''}/{p.get('protocol', 'TCP')}"
+                             for p in spec.get("ports") or []) or "<none>"
+            t.add_row(s["metadata"].get("namespace", "default"), s["metadata"]["name"], spec.get("type", "ClusterIP"),
+                      spec.get("clusterIP", "<none>"), ",".join(ext) or "<none>", ports)
+    elif kind == "endpointslices":
+        for col in ("NAMESPACE", "NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS"):
+            t.add_column(col, no_wrap=True)
+        for s in items:
+            ports = ",".join(str(p.get("port")) for p in s.get("ports") or []) or "<unset>"
+            addrs = [a for e in s.get("endpoints") or [] for a in e.get("addresses", [])]
+            t.add_row(s["metadata"].get("namespace", "default"), s["metadata"]["name"], s.get("addressType", ""), ports,
+                      ",".join(addrs[:3]) + (f" + {len(addrs) - 3} more..." if len(addrs) > 3 else "") or "<unset>")
+    else:
+        for col in ("NAMESPACE", "NAME", "READY", "STATUS", "IP", "NODE"):
+            t.add_column(col, no_wrap=True)
+        for p in cluster.pods:
+            t.add_row(p.namespace, p.name, "1/1" if p.ready else "0/1", "Running", p.ip, p.node)
+    console.print(t)
+    return 0
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f'invalid boolean value: "{text}" (true or false)')
+
+
+def cmd_proxy_render(args: argparse.Namespace) -> int:
+    """Exactly what kube-proxy would feed iptables-restore on that node (pure)."""
+    from testbed import topology
+    from testbed.proxy import servicemap
+    from testbed.proxy.iptables import IPTablesConfig, render_iptables
+    from testbed.proxy.normalize import sort_iptables_rules
+
+    objects = []
+    for f in args.filename:
+        for obj in topology.read_yaml_documents(f):
+            if obj.get("kind") == "Topology":
+                continue
+            # No admission here: kube-proxy renders whatever the API server holds (its
+            # unit tests feed objects kube-apiserver would reject, e.g. a
+            # healthCheckNodePort on an eTP=Cluster Service); it parses sloppily.
+            objects.append(obj)
+    services, endpoints = servicemap.build_maps(objects)
+    cfg = IPTablesConfig(
+        hostname_override=args.hostname_override,
+        node_ip=args.node_ip,
+        cluster_cidr=args.cluster_cidr,
+        masquerade_bit=args.masquerade_bit,
+        masquerade_mark=args.masquerade_mark,
+        masquerade_all=args.masquerade_all,
+        nodeport_addresses=[c for c in (args.nodeport_addresses or "").split(",") if c],
+        localhost_nodeports=args.localhost_nodeports,
+        nfacct=args.nfacct,
+        random_fully=args.random_fully,
+    )
+    text = render_iptables(services, endpoints, cfg)
+    sys.stdout.write(sort_iptables_rules(text) if args.sorted else text)
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from testbed import doctor
 
@@ -199,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("up", help="build a cluster from a topology file")
     s.add_argument("topology", metavar="TOPOLOGY", help="topology YAML (e.g. topologies/seed.yaml)")
     s.add_argument("--name", help="cluster name (default: the topology's metadata.name)")
+    s.add_argument("--proxy-mode", default="iptables", choices=["iptables"], help="kube-proxy mode (default iptables)")
+    s.add_argument("--iptables-backend", default="nft", choices=["legacy", "nft"],
+                   help="iptables backend kube-proxy uses in every node (default nft, as Debian 12's iptables)")
     s.set_defaults(func=cmd_up)
 
     s = sub.add_parser("status", help="show the live cluster")
@@ -218,6 +410,54 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("clean", help="remove everything any earlier run left behind (after a crash)")
     s.add_argument("--run", help="only this run id")
     s.set_defaults(func=cmd_clean)
+
+    s = sub.add_parser("rules", help="show the live kube-proxy rules of one node")
+    s.add_argument("--name", help="cluster name")
+    s.add_argument("node", metavar="NODE")
+    s.add_argument("--service", metavar="NAMESPACE/NAME", help="only the lines of this Service")
+    s.set_defaults(func=cmd_rules)
+
+    s = sub.add_parser("get", help="list services, endpointslices or pods (like kubectl get)")
+    s.add_argument("--name", help="cluster name")
+    s.add_argument("resource", metavar="RESOURCE", help="services|endpointslices|pods")
+    s.add_argument("-o", "--output", choices=["table", "yaml"], default="table")
+    s.set_defaults(func=cmd_get)
+
+    s = sub.add_parser("scale", help="set the replicas of a Deployment/StatefulSet (like kubectl scale)")
+    s.add_argument("--name", help="cluster name")
+    s.add_argument("resource", metavar="deployment/NAME")
+    s.add_argument("--replicas", type=int, required=True)
+    s.add_argument("-n", "--namespace", default="default")
+    s.set_defaults(func=cmd_scale)
+
+    for verb, fn, text in (("apply", cmd_apply, "create or update objects from manifests (like kubectl apply -f)"),
+                           ("delete", cmd_delete, "delete the objects named in manifests (like kubectl delete -f)")):
+        s = sub.add_parser(verb, help=text)
+        s.add_argument("--name", help="cluster name")
+        s.add_argument("-f", "--filename", action="extend", nargs="+", required=True, metavar="FILE")
+        s.set_defaults(func=fn)
+
+    s = sub.add_parser("proxy", help="kube-proxy's rules, rendered without a cluster")
+    psub = s.add_subparsers(dest="proxy_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    psub.required = True
+    r = psub.add_parser("render", help="print what kube-proxy would program on one node for these manifests")
+    r.add_argument("--proxy-mode", default="iptables", choices=["iptables"])
+    r.add_argument("-f", "--filename", action="extend", nargs="+", required=True, metavar="FILE",
+                   help="Service / EndpointSlice manifests (repeatable; multi-document YAML)")
+    r.add_argument("--hostname-override", default="", metavar="NODE", help="this node's name (decides local endpoints)")
+    r.add_argument("--node-ip", default=None, metavar="IP")
+    r.add_argument("--cluster-cidr", default=None, metavar="CIDR", help="pod CIDR for local-traffic detection")
+    r.add_argument("--masquerade-bit", type=int, default=14, dest="masquerade_bit")
+    r.add_argument("--masquerade-mark", default=None, metavar="MARK",
+                   help="literal mark string (kube-proxy's unit tests use 0x4000; default: %%#08x of 1<<bit)")
+    r.add_argument("--masquerade-all", action="store_true")
+    r.add_argument("--nodeport-addresses", default="", metavar="CIDR,...")
+    r.add_argument("--localhost-nodeports", type=_bool, default=True, metavar="true|false")
+    r.add_argument("--nfacct", type=_bool, default=True, metavar="true|false",
+                   help="whether kube-proxy's nfacct counters exist (adds -m nfacct matches)")
+    r.add_argument("--random-fully", type=_bool, default=True, metavar="true|false")
+    r.add_argument("--sorted", action="store_true", help="normalise as kube-proxy's unit tests compare")
+    r.set_defaults(func=cmd_proxy_render)
 
     s = sub.add_parser("doctor", help="what this machine supports, and which proxy modes can run")
     s.add_argument("--json", action="store_true", help="machine-readable output")

@@ -14,6 +14,11 @@ Shape (all of it inside namespaces the run owns; nothing in the host namespace):
 * one namespace per *pod*: ``eth0`` (veth into its node's ``cni0``), the pod IP, a
   default route via the gateway.
 * one namespace per external *client*: ``eth0`` on the switch with a client IP.
+* the switch's bridge holds the node network's first address, the default gateway of
+  nodes and clients (as a real node has one): traffic to an address nobody routes —
+  e.g. a ClusterIP whose Service has no endpoints — is routed to it, so the packet
+  reaches the FORWARD chain where kube-proxy REJECTs it, instead of failing the route
+  lookup before any rule runs. The gateway forwards nothing.
 
 Everything goes through netlink (pyroute2) from this one process: a netlink socket
 opened inside :func:`testbed.netns.entered` stays in that namespace, so no process is
@@ -83,6 +88,11 @@ def _prefixlen(cidr: str) -> int:
     return ipaddress.IPv4Network(cidr).prefixlen
 
 
+def gateway_ip(cluster: Cluster) -> str:
+    """The node network's default gateway: its first host address."""
+    return str(ipaddress.IPv4Network(cluster.network.node_subnet).network_address + 1)
+
+
 def run_namespaces(run_id: str) -> list[str]:
     return netns.list_names(f"{PREFIX}{run_id}-")
 
@@ -112,6 +122,8 @@ def _build(cluster: Cluster, progress: Progress) -> None:
         sw.link("set", index=LO_INDEX, state="up")
         sw.link("add", ifname="br0", kind="bridge", state="up")
         br0 = sw.link_lookup(ifname="br0")[0]
+        gateway = gateway_ip(cluster)
+        sw.addr("add", index=br0, address=gateway, prefixlen=node_plen)
         done += 1
         progress("network", done, total)
 
@@ -122,6 +134,7 @@ def _build(cluster: Cluster, progress: Progress) -> None:
                 ipr.link("set", index=LO_INDEX, state="up")
                 ipr.link("set", index=ETH0_INDEX, state="up")
                 ipr.addr("add", index=ETH0_INDEX, address=node.ip, prefixlen=node_plen)
+                ipr.route("add", dst="default", gateway=gateway)
                 ipr.link("add", ifname="cni0", kind="bridge", state="up")
                 cni0 = ipr.link_lookup(ifname="cni0")[0]
                 ipr.addr("add", index=cni0, address=node.pod_gateway, prefixlen=pod_plen)
@@ -136,7 +149,7 @@ def _build(cluster: Cluster, progress: Progress) -> None:
         for i, client in enumerate(cluster.clients):
             netns.create(client.netns)
             _veth_into(sw, f"c{i}", client.netns, br0)
-            _setup_endpoint(client.netns, client.ip, node_plen)
+            _setup_endpoint(client.netns, client.ip, node_plen, gateway)
             done += 1
             progress("clients", done, total)
 
@@ -146,24 +159,50 @@ def _build(cluster: Cluster, progress: Progress) -> None:
             continue
         with rtnl(node.netns) as ipr:
             cni0 = ipr.link_lookup(ifname="cni0")[0]
-            for j, pod in enumerate(pods):
-                add_pod(ipr, cni0, pod, pod_plen, node.pod_gateway, j)
+            for pod in pods:
+                add_pod(ipr, cni0, pod, pod_plen, node.pod_gateway)
                 done += 1
                 progress("pods", done, total)
 
 
-def pod_ifname(pod: Pod, j: int) -> str:
-    """Node-side name of a pod's veth (<= 15 chars, unique within the node)."""
-    return f"veth{j:05d}"
+def pod_ifname(pod: Pod) -> str:
+    """Node-side name of a pod's veth: ``veth`` + the pod IP in hex (<= 15 chars, and
+    unique within the node because pod IPs are)."""
+    return "veth%08x" % int(ipaddress.IPv4Address(pod.ip))
 
 
-def add_pod(ipr: IPRoute, cni0: int, pod: Pod, plen: int, gateway: str, j: int) -> None:
+def add_pod(ipr: IPRoute, cni0: int, pod: Pod, plen: int, gateway: str) -> None:
     """Create ``pod``'s namespace and wire it into its node's ``cni0`` (``ipr`` lives
     in the node namespace)."""
     netns.create(pod.netns)
-    idx = _veth_into(ipr, pod_ifname(pod, j), pod.netns, cni0)
+    idx = _veth_into(ipr, pod_ifname(pod), pod.netns, cni0)
     ipr.brport("set", index=idx, mode=BRPORT_MODE_HAIRPIN)
     _setup_endpoint(pod.netns, pod.ip, plen, gateway)
+
+
+def add_pods(cluster: Cluster, pods: list[Pod]) -> None:
+    """Wire new pods into a live cluster (scale up, apply). On failure the pods'
+    namespaces created so far are removed again."""
+    done: list[Pod] = []
+    try:
+        for node in cluster.nodes:
+            mine = [p for p in pods if p.node == node.name]
+            if not mine:
+                continue
+            with rtnl(node.netns) as ipr:
+                cni0 = ipr.link_lookup(ifname="cni0")[0]
+                for pod in mine:
+                    done.append(pod)
+                    add_pod(ipr, cni0, pod, cluster.network.node_prefix, node.pod_gateway)
+    except BaseException:
+        remove_pods(done)
+        raise
+
+
+def remove_pods(pods: list[Pod]) -> None:
+    """Delete pods' namespaces (their veths go with them)."""
+    for pod in pods:
+        netns.delete(pod.netns)
 
 
 def teardown(run_id: str) -> int:

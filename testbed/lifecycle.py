@@ -43,12 +43,29 @@ def up(cluster: Cluster, progress: Progress | None = None) -> Cluster:
         state.save_cluster(cluster)
         fabric.build(cluster, progress)
         info.podserver_pid = start_podserver(cluster, info)
+        sync_proxies(cluster, full=True)
         info.phase = "up"
         state.save_info(info)
     except BaseException:
         clean.clean(cluster.run_id)
         raise
     return cluster
+
+
+def proxy_settings(cluster: Cluster) -> dict:
+    return cluster.extra.setdefault("proxy", {"mode": "iptables", "backend": "nft"})
+
+
+def sync_proxies(cluster: Cluster, full: bool = False) -> list:
+    """kube-proxy on every node, then the load-balancer announcements; saves state."""
+    from testbed import controlplane, kubeproxy, loadbalancer
+
+    settings = proxy_settings(cluster)
+    results = kubeproxy.sync_all(cluster, controlplane.objects(cluster), settings["backend"], state.run_dir(cluster.name), full=full)
+    loadbalancer.announce(cluster)
+    cluster.extra["lastSync"] = [r.__dict__ for r in results]
+    state.save_cluster(cluster)
+    return results
 
 
 def start_podserver(cluster: Cluster, info: state.RunInfo) -> int:
@@ -98,3 +115,35 @@ def down(name: str) -> clean.CleanReport:
     info.phase = "stopping"
     state.save_info(info)
     return clean.clean(info.run_id)
+
+
+def _podserver_alive(info: state.RunInfo) -> bool:
+    return bool(info.podserver_pid) and clean.is_podserver(info.podserver_pid)
+
+
+def change_pods(cluster: Cluster, added: list, removed: list) -> list:
+    """Make the kernel and the pod servers follow a changed pod list (the model is
+    already changed), then let the EndpointSlice controller and every kube-proxy
+    catch up. Order as in Kubernetes: a removed pod leaves the endpoints first (its
+    server stops), a new pod joins once its server listens."""
+    from testbed import controlplane, podserver
+
+    info = state.load_info(cluster.name)
+    if info is None:
+        raise StateError(f"cluster {cluster.name!r} has no run state")
+    fabric.add_pods(cluster, added)
+    try:
+        state.save_cluster(cluster)
+        if _podserver_alive(info):
+            reply = podserver.control(str(state.control_socket(cluster.name)), "reload")
+            if "error" in reply or reply.get("errors"):
+                raise KernelError(f"pod servers did not take the change: {reply.get('error') or reply.get('errors')}")
+        elif any(p.ports for p in cluster.pods):
+            info.podserver_pid = start_podserver(cluster, info)
+            state.save_info(info)
+    except BaseException:
+        fabric.remove_pods(added)
+        raise
+    fabric.remove_pods(removed)
+    controlplane.reconcile(cluster)
+    return sync_proxies(cluster)

@@ -31,7 +31,6 @@ node with the fewest pods, ties broken by node order.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import os
@@ -43,7 +42,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from testbed.errors import InputError
-from testbed.model import Client, Cluster, ContainerPort, Network, Node, Pod
+from testbed.model import Client, Cluster, Network, Node
 
 API_VERSION = "testbed.io/v1alpha1"
 
@@ -65,9 +64,6 @@ DNS1123_SUBDOMAIN_MSG = (
 NODE_IP_OFFSET = 10
 CLIENT_IP_OFFSET = 200
 
-# kube-controller-manager's SafeEncodeString alphabet (k8s.io/apimachinery/pkg/util/rand):
-# used for pod-template-hash and generated name suffixes.
-_SAFE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 
 
 def _dns_label(v: str) -> str:
@@ -254,9 +250,11 @@ def load(file: str) -> Cluster:
 
     manifests: list[tuple[str, dict[str, Any]]] = [(file, d) for d in docs[1:]]
     for extra in _manifest_files(Path(file).parent, topo.spec.manifests, file):
-        manifests.extend((extra, d) for d in read_yaml_documents(extra))
+        # an included topology file contributes its manifests, not its Topology
+        manifests.extend((extra, d) for d in read_yaml_documents(extra) if d.get("kind") != "Topology")
     for mfile, obj in manifests:
-        validate_manifest(obj, mfile)
+        if obj.get("kind") != "Service":  # Services are admitted (validated + allocated) by testbed.apiserver
+            validate_manifest(obj, mfile)
     return build(topo, manifests, file)
 
 
@@ -269,21 +267,6 @@ def _net(v: str) -> ipaddress.IPv4Network:
 
 def _host(net: ipaddress.IPv4Network, offset: int) -> str:
     return str(net.network_address + offset)
-
-
-def _safe_encode(digest: bytes, n: int) -> str:
-    return "".join(_SAFE_ALPHABET[b % len(_SAFE_ALPHABET)] for b in digest[:n])
-
-
-def pod_template_hash(template: dict[str, Any]) -> str:
-    """A stable pod-template-hash (kube-controller-manager hashes the template too;
-    we use sha256 of its canonical JSON, encoded in the same safe alphabet)."""
-    return _safe_encode(hashlib.sha256(json.dumps(template, sort_keys=True).encode()).digest(), 10)
-
-
-def generated_suffix(*parts: str) -> str:
-    """A deterministic 5-character generateName suffix."""
-    return _safe_encode(hashlib.sha256("/".join(parts).encode()).digest(), 5)
 
 
 def build(topo: TopologyDoc, manifests: list[tuple[str, dict[str, Any]]], file: str) -> Cluster:
@@ -329,7 +312,8 @@ def build(topo: TopologyDoc, manifests: list[tuple[str, dict[str, Any]]], file: 
             field="spec.network.kubePodsSubnet",
         )
     seen: dict[str, str] = {}
-    used_ips: dict[str, str] = {}
+    # the first host address is the node network's default gateway (testbed.fabric)
+    used_ips: dict[str, str] = {str(node_subnet.network_address + 1): "the node network's gateway"}
 
     def claim_ip(ip: str | None, offset: int, field: str) -> str:
         if ip is None:
@@ -410,134 +394,15 @@ def _check_pool_range(a: str, file: str, field: str, forbidden: list[ipaddress.I
                 raise InputError(f'Invalid value: "{a}": overlaps {f}', file=file, field=field)
 
 
-# --------------------------------------------------------------------------- workloads
-
-_WORKLOAD_KINDS = {"Pod", "Deployment", "StatefulSet", "DaemonSet", "ReplicaSet"}
-
-
-def _container_ports(pod_spec: dict[str, Any]) -> list[ContainerPort]:
-    ports: list[ContainerPort] = []
-    seen: set[tuple[int, str]] = set()
-    for c in pod_spec.get("containers") or []:
-        for p in c.get("ports") or []:
-            key = (int(p["containerPort"]), p.get("protocol", "TCP"))
-            if key in seen:
-                continue
-            seen.add(key)
-            ports.append(ContainerPort(port=key[0], protocol=key[1], name=p.get("name")))
-    return ports
-
-
-class _Scheduler:
-    """Least-loaded placement among eligible nodes, ties by node order."""
-
-    def __init__(self, cluster: Cluster):
-        self.cluster = cluster
-        self.load = {n.name: 0 for n in cluster.nodes}
-        self.next_ip: dict[str, int] = {n.name: 2 for n in cluster.nodes}
-
-    def place(self, pod_spec: dict[str, Any], what: str, file: str) -> str:
-        nodes = self.cluster.nodes
-        want = pod_spec.get("nodeName")
-        if want:
-            if want not in self.load:
-                raise InputError(f'Invalid value: "{want}": no node of that name in the topology', file=file, field=f"{what}.spec.nodeName")
-            return want
-        selector = pod_spec.get("nodeSelector") or {}
-        eligible = [n for n in nodes if all(n.labels.get(k) == v for k, v in selector.items())]
-        if not eligible:
-            raise InputError(
-                f"0/{len(nodes)} nodes are available: {len(nodes)} node(s) didn't match Pod's node affinity/selector.",
-                file=file,
-                field=f"{what}.spec.nodeSelector",
-            )
-        return min(eligible, key=lambda n: self.load[n.name]).name
-
-    def allocate_ip(self, node_name: str, file: str) -> str:
-        node = self.cluster.node(node_name)
-        sub = ipaddress.IPv4Network(node.pod_cidr)
-        off = self.next_ip[node_name]
-        if off >= sub.num_addresses - 1:
-            raise InputError(
-                f"Invalid value: {self.cluster.network.node_prefix}: node {node_name}'s pod CIDR {sub} is too small "
-                f"for its {self.load[node_name] + 1} pods",
-                file=file,
-                field="spec.network.kubeNetworkNodePrefix",
-            )
-        self.next_ip[node_name] = off + 1
-        self.load[node_name] += 1
-        return _host(sub, off)
-
-
 def _place_workloads(cluster: Cluster, manifests: list[tuple[str, dict[str, Any]]]) -> None:
-    sched = _Scheduler(cluster)
-    pod_names: set[str] = set()
-
-    def add_pod(file: str, what: str, ns: str, name: str, template: dict[str, Any], owner: tuple[str, str] | None,
-                extra_labels: dict[str, str], node: str | None = None, hostname: str | None = None,
-                subdomain: str | None = None) -> None:
-        pod_spec = template.get("spec") or {}
-        if pod_spec.get("hostNetwork"):
-            raise InputError("Unsupported value: true: hostNetwork pods are not emulated", file=file, field=f"{what}.spec.hostNetwork")
-        key = f"{ns}/{name}"
-        if key in pod_names:
-            raise InputError(f'pods "{name}" already exists', file=file, field=what)
-        pod_names.add(key)
-        node = node or sched.place(pod_spec, what, file)
-        ip = sched.allocate_ip(node, file)
-        labels = dict((template.get("metadata") or {}).get("labels") or {})
-        labels.update(extra_labels)
-        cluster.pods.append(
-            Pod(
-                namespace=ns,
-                name=name,
-                node=node,
-                ip=ip,
-                labels=labels,
-                ports=_container_ports(pod_spec),
-                owner_kind=owner[0] if owner else None,
-                owner_name=owner[1] if owner else None,
-                hostname=hostname or pod_spec.get("hostname"),
-                subdomain=subdomain or pod_spec.get("subdomain"),
-            )
-        )
+    from testbed import workloads
 
     for file, obj in manifests:
         kind = obj.get("kind")
-        meta = obj.get("metadata") or {}
-        ns = meta.get("namespace") or "default"
-        name = meta.get("name", "")
         if kind == "Service":
             cluster.services.append(obj)
-            continue
-        if kind == "EndpointSlice":
+        elif kind == "EndpointSlice":
             cluster.endpointslices.append(obj)
-            continue
-        if kind not in _WORKLOAD_KINDS:
-            continue  # Namespace and friends: nothing to emulate
-        cluster.workloads.append(obj)
-        spec = obj.get("spec") or {}
-        what = f"{kind}/{name}"
-        if kind == "Pod":
-            add_pod(file, what, ns, name, obj, None, {})
-            continue
-        template = spec.get("template") or {}
-        if kind in ("Deployment", "ReplicaSet"):
-            replicas = int(spec.get("replicas", 1))
-            h = pod_template_hash(template)
-            rs = f"{name}-{h}" if kind == "Deployment" else name
-            for i in range(replicas):
-                extra = {"pod-template-hash": h} if kind == "Deployment" else {}
-                add_pod(file, what, ns, f"{rs}-{generated_suffix(ns, rs, str(i))}", template, (kind, name), extra)
-        elif kind == "StatefulSet":
-            replicas = int(spec.get("replicas", 1))
-            for i in range(replicas):
-                pname = f"{name}-{i}"
-                add_pod(file, what, ns, pname, template, (kind, name),
-                        {"statefulset.kubernetes.io/pod-name": pname, "apps.kubernetes.io/pod-index": str(i)},
-                        hostname=pname, subdomain=spec.get("serviceName"))
-        elif kind == "DaemonSet":
-            selector = (template.get("spec") or {}).get("nodeSelector") or {}
-            for n in cluster.nodes:
-                if all(n.labels.get(k) == v for k, v in selector.items()):
-                    add_pod(file, what, ns, f"{name}-{generated_suffix(ns, name, n.name)}", template, (kind, name), {}, node=n.name)
+        elif kind in workloads.KINDS:
+            workloads.create(cluster, obj, file)
+        # Namespace and friends: nothing to emulate

@@ -1,0 +1,200 @@
+"""kube-proxy on every node: the iptables-mode applier (thin; rendering is pure,
+in :mod:`testbed.proxy.iptables`).
+
+Mirrors what ``Proxier.syncProxyRules`` does around the rendered buffer
+(pkg/proxy/iptables/proxier.go):
+
+* on a full sync it ensures the jump rules from the built-in chains
+  (``iptables -C`` then ``-I``, each prepended) and the canary chains;
+* it feeds the buffer to ``iptables-restore --noflush --counters`` (with ``-w``), so
+  only the chains declared in the buffer are flushed and rewritten;
+* later syncs are partial: only Services whose ServicePorts or endpoints changed get
+  their chains rewritten; stale KUBE-SVC/SVL/SEP/FW/EXT chains (found with
+  ``iptables-save -t nat``) are flushed and deleted with ``-X``;
+* it sets the sysctls kube-proxy sets: ``net.ipv4.conf.all.route_localnet=1`` when
+  localhost NodePorts are on, and checks ``nf_conntrack_tcp_be_liberal``.
+
+Each node namespace runs the real tools (``iptables-legacy-restore`` or
+``iptables-nft-restore``, chosen per cluster and recorded) spawned from a thread
+that is inside the node's namespace.
+
+What differs from a real kube-proxy, on purpose: no nfacct counters are created
+(kube-proxy leaves out the ``-m nfacct`` matches when it cannot create them, and so
+do we); UDP conntrack entries of removed endpoints are flushed with the ``conntrack``
+tool as kube-proxy's conntrack cleanup does over netlink.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from testbed import netns
+from testbed.errors import InputError, KernelError
+from testbed.model import Cluster, Node
+from testbed.proxy import servicemap
+from testbed.proxy.iptables import (
+    CANARY_CHAIN,
+    CANARY_TABLES,
+    IPTablesConfig,
+    render_iptables_sync,
+)
+
+BACKENDS = ("legacy", "nft")
+
+
+def tool(backend: str, name: str) -> str:
+    """``iptables``/``iptables-save``/``iptables-restore`` of a backend."""
+    if backend not in BACKENDS:
+        raise InputError(f'Unsupported value: "{backend}": supported values: "legacy", "nft"', field="iptables backend")
+    base, _, suffix = name.partition("-")
+    return f"{base}-{backend}" + (f"-{suffix}" if suffix else "")
+
+
+def run_in(ns: str, argv: list[str], input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a real tool inside namespace ``ns`` (no shell; argv as given)."""
+    with netns.entered(ns):
+        r = subprocess.run(argv, input=input, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        msg = (r.stderr or r.stdout).strip().splitlines()
+        raise KernelError(f"{' '.join(argv[:3])} in {ns} failed (exit {r.returncode}): {msg[0] if msg else ''}")
+    return r
+
+
+def node_config(cluster: Cluster, node: Node, **overrides) -> IPTablesConfig:
+    """The kube-proxy configuration of one node, as kubespray deploys it: node name,
+    node IP, ``clusterCIDR = kube_pods_subnet`` (local-traffic detection by CIDR)."""
+    cfg = IPTablesConfig(
+        hostname_override=node.name,
+        node_ip=node.ip,
+        cluster_cidr=cluster.network.pod_cidr,
+        node_addresses=[node.ip, node.pod_gateway, "127.0.0.1"],
+        nfacct=False,
+        random_fully=True,
+    )
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@dataclass
+class SyncResult:
+    node: str
+    full: bool
+    render_s: float
+    apply_s: float
+    changed_services: int
+    nat_rules: int
+    filter_rules: int
+    deleted_chains: int
+
+
+def _fingerprint(obj) -> str:  # noqa: ANN001
+    return hashlib.sha256(repr(obj).encode()).hexdigest()[:16]
+
+
+class IPTablesProxier:
+    """kube-proxy (iptables mode) of one node. State between syncs (what was last
+    synced, for partial syncs) lives in ``state_file`` so every CLI call continues
+    where the previous one stopped, as a long-running kube-proxy would."""
+
+    def __init__(self, cluster: Cluster, node: Node, backend: str, state_file: Path, **config):
+        self.cluster = cluster
+        self.node = node
+        self.backend = backend
+        self.state_file = state_file
+        self.config = node_config(cluster, node, **config)
+
+    def _load(self) -> dict:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def sync(self, objects: list[dict], full: bool = False) -> SyncResult:
+        ns = self.node.netns
+        t0 = time.perf_counter()
+        services, endpoints = servicemap.build_maps(objects)
+        prev = self._load()
+        # per-Service fingerprints of ServicePorts + endpoints decide the partial sync
+        groups: dict[str, list] = {}
+        for spn, sp in services.items():
+            groups.setdefault(f"{spn.namespace}/{spn.name}", []).append(("svc", str(spn), sp))
+        for spn, eps in endpoints.items():
+            groups.setdefault(f"{spn.namespace}/{spn.name}", []).append(("eps", str(spn), eps))
+        prints = {k: _fingerprint(sorted(v, key=lambda x: (x[0], x[1]))) for k, v in groups.items()}
+        full = full or not prev or prev.get("backend") != self.backend
+        changed = None
+        if not full:
+            old = prev.get("services", {})
+            changed = {tuple(k.split("/", 1)) for k in old.keys() | prints.keys() if old.get(k) != prints.get(k)}
+        existing = run_in(ns, [tool(self.backend, "iptables-save"), "-t", "nat"]).stdout
+        self.config.tcp_be_liberal = self._sysctl_int("net/netfilter/nf_conntrack_tcp_be_liberal") != 0
+        result = render_iptables_sync(services, endpoints, self.config, changed=changed, existing_nat_chains=existing)
+        t1 = time.perf_counter()
+        if full:
+            self._full_sync_setup(result)
+        run_in(ns, [tool(self.backend, "iptables-restore"), "-w", "5", "--noflush", "--counters"], input=result.text)
+        t2 = time.perf_counter()
+        self.state_file.write_text(json.dumps({"backend": self.backend, "services": prints}))
+        return SyncResult(
+            node=self.node.name, full=full, render_s=t1 - t0, apply_s=t2 - t1,
+            changed_services=len(prints) if changed is None else len(changed),
+            nat_rules=result.nat_rules_count, filter_rules=result.filter_rules_count,
+            deleted_chains=len(result.deleted_nat_chains),
+        )
+
+    def _sysctl_int(self, key: str) -> int:
+        try:
+            with netns.entered(self.node.netns):
+                return int(open(f"/proc/sys/{key}").read().strip())
+        except (OSError, ValueError):
+            return 0
+
+    def _full_sync_setup(self, result) -> None:  # noqa: ANN001
+        ns = self.node.netns
+        ipt = tool(self.backend, "iptables")
+        if self.config.localhost_nodeports:
+            with netns.entered(ns):
+                netns.sysctl("net.ipv4.conf.all.route_localnet", 1)
+        # ipt.Monitor's canary chains, then EnsureChain + EnsureRule(Prepend) per jump.
+        for table in CANARY_TABLES:
+            run_in(ns, [ipt, "-w", "5", "-t", table, "-N", CANARY_CHAIN], check=False)
+        for jump in result.jump_rules:
+            run_in(ns, [ipt, "-w", "5", "-t", jump.table, "-N", jump.target], check=False)
+            if run_in(ns, [ipt, "-w", "5", *jump.check_argv()], check=False).returncode != 0:
+                run_in(ns, [ipt, "-w", "5", *jump.insert_argv()])
+
+
+def sync_all(cluster: Cluster, objects: list[dict], backend: str, state_dir: Path, full: bool = False) -> list[SyncResult]:
+    """Sync kube-proxy on every node (each node's own view: its name decides which
+    endpoints are local)."""
+    return [
+        IPTablesProxier(cluster, node, backend, state_dir / f"kube-proxy-{node.name}.json").sync(objects, full=full)
+        for node in cluster.nodes
+    ]
+
+
+def live_rules(cluster: Cluster, node_name: str, backend: str, service: str | None = None) -> str:
+    """``iptables-save`` of one node (filter + nat), optionally only one Service's lines."""
+    node = cluster.node(node_name)
+    text = run_in(node.netns, [tool(backend, "iptables-save")]).stdout
+    if not service:
+        return text
+    ns, _, name = service.partition("/")
+    keep = []
+    chains = set()
+    for line in text.splitlines():
+        if f"{ns}/{name}:" in line or f"{ns}/{name} " in line or line.endswith(f"{ns}/{name}"):
+            keep.append(line)
+            for tok in line.split():
+                if tok.startswith(("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")):
+                    chains.add(tok)
+    for line in text.splitlines():
+        if line not in keep and any(f" {c} " in f" {line} " for c in chains):
+            keep.append(line)
+    return "\n".join(keep) + ("\n" if keep else "")

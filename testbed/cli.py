@@ -194,8 +194,8 @@ def cmd_rules(args: argparse.Namespace) -> int:
         cluster.node(args.node)
     except KeyError:
         raise InputError(f'Invalid value: "{args.node}": no node of that name in cluster {cluster.name}', field="NODE") from None
-    backend = lifecycle.proxy_settings(cluster)["backend"]
-    sys.stdout.write(kubeproxy.live_rules(cluster, args.node, backend, args.service))
+    proxier = kubeproxy.proxier_for(cluster, cluster.node(args.node), lifecycle.proxy_settings(cluster), state.run_dir(cluster.name))
+    sys.stdout.write(proxier.live_rules(args.service))
     return 0
 
 

@@ -148,6 +148,11 @@ class IPTablesProxier:
             deleted_chains=len(result.deleted_nat_chains),
         )
 
+    def live_rules(self, service: str | None = None) -> str:
+        """``iptables-save`` of this node (filter + nat), optionally one Service's lines."""
+        text = run_in(self.node.netns, [tool(self.backend, "iptables-save")]).stdout
+        return filter_service_lines(text, service) if service else text
+
     def _sysctl_int(self, key: str) -> int:
         try:
             with netns.entered(self.node.netns):
@@ -170,31 +175,48 @@ class IPTablesProxier:
                 run_in(ns, [ipt, "-w", "5", *jump.insert_argv()])
 
 
-def sync_all(cluster: Cluster, objects: list[dict], backend: str, state_dir: Path, full: bool = False) -> list[SyncResult]:
+MODES = ("iptables", "ipvs", "nftables")
+
+
+def proxier_for(cluster: Cluster, node: Node, settings: dict, state_dir: Path):  # noqa: ANN201
+    """kube-proxy of ``node`` in the mode ``settings["mode"]``. Every mode's proxier has
+    ``sync(objects, full=False) -> SyncResult`` and ``live_rules(service=None) -> str``."""
+    mode = settings.get("mode", "iptables")
+    state_file = state_dir / f"kube-proxy-{node.name}.json"
+    if mode == "iptables":
+        return IPTablesProxier(cluster, node, settings.get("backend", "nft"), state_file)
+    if mode == "nftables":
+        from testbed.kubeproxy_nftables import NFTablesProxier
+
+        return NFTablesProxier(cluster, node, state_file)
+    if mode == "ipvs":
+        from testbed.kubeproxy_ipvs import IPVSProxier
+
+        return IPVSProxier(cluster, node, state_file, scheduler=settings.get("scheduler", "rr"))
+    raise InputError(f'Unsupported value: "{mode}": supported values: "iptables", "ipvs", "nftables"', field="proxy-mode")
+
+
+def sync_all(cluster: Cluster, objects: list[dict], settings: dict, state_dir: Path, full: bool = False) -> list[SyncResult]:
     """Sync kube-proxy on every node (each node's own view: its name decides which
     endpoints are local)."""
-    return [
-        IPTablesProxier(cluster, node, backend, state_dir / f"kube-proxy-{node.name}.json").sync(objects, full=full)
-        for node in cluster.nodes
-    ]
+    return [proxier_for(cluster, node, settings, state_dir).sync(objects, full=full) for node in cluster.nodes]
 
 
-def live_rules(cluster: Cluster, node_name: str, backend: str, service: str | None = None) -> str:
-    """``iptables-save`` of one node (filter + nat), optionally only one Service's lines."""
-    node = cluster.node(node_name)
-    text = run_in(node.netns, [tool(backend, "iptables-save")]).stdout
-    if not service:
-        return text
+SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
+
+
+def filter_service_lines(text: str, service: str) -> str:
+    """The lines of an ``iptables-save`` dump that belong to one Service (``ns/name``):
+    those naming it in a comment, and every rule of the chains those lines jump to."""
     ns, _, name = service.partition("/")
-    keep = []
-    chains = set()
-    for line in text.splitlines():
-        if f"{ns}/{name}:" in line or f"{ns}/{name} " in line or line.endswith(f"{ns}/{name}"):
+    lines = text.splitlines()
+    keep: list[str] = []
+    chains: set[str] = set()
+    for line in lines:
+        if f"{ns}/{name}:" in line or f'"{ns}/{name} ' in line or f" {ns}/{name} " in line:
             keep.append(line)
-            for tok in line.split():
-                if tok.startswith(("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")):
-                    chains.add(tok)
-    for line in text.splitlines():
+            chains.update(tok for tok in line.split() if tok.startswith(SERVICE_CHAIN_PREFIXES))
+    for line in lines:
         if line not in keep and any(f" {c} " in f" {line} " for c in chains):
             keep.append(line)
     return "\n".join(keep) + ("\n" if keep else "")

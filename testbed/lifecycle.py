@@ -61,7 +61,7 @@ def sync_proxies(cluster: Cluster, full: bool = False) -> list:
     from testbed import controlplane, kubeproxy, loadbalancer
 
     settings = proxy_settings(cluster)
-    results = kubeproxy.sync_all(cluster, controlplane.objects(cluster), settings["backend"], state.run_dir(cluster.name), full=full)
+    results = kubeproxy.sync_all(cluster, controlplane.objects(cluster), settings, state.run_dir(cluster.name), full=full)
     loadbalancer.announce(cluster)
     cluster.extra["lastSync"] = [r.__dict__ for r in results]
     state.save_cluster(cluster)

@@ -17,12 +17,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
 
 from testbed import netns, state
 from testbed.model import PREFIX
+
+
+ETC_NETNS = "/etc/netns"
+
+
+def netns_etc_dirs(prefix: str) -> list[str]:
+    try:
+        return [n for n in os.listdir(ETC_NETNS) if n.startswith(prefix)]
+    except FileNotFoundError:
+        return []
 
 
 @dataclass
@@ -114,6 +125,10 @@ def clean(run_id: str | None = None) -> CleanReport:
     report.processes = procs
     for name in namespaces:
         netns.delete(name)
+        # per-namespace files `ip netns exec` mounts (a pod's resolv.conf)
+        shutil.rmtree(os.path.join(ETC_NETNS, name), ignore_errors=True)
+    for name in netns_etc_dirs(prefix):
+        shutil.rmtree(os.path.join(ETC_NETNS, name), ignore_errors=True)
     report.namespaces = namespaces
     for name in dirs:
         state.remove(name)

@@ -145,14 +145,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise InputError("no command given: testbed exec TARGET -- COMMAND [ARG...]")
     cluster = state.load_cluster(state.resolve(args.name))
     ns = _resolve_target(cluster, args.target)
-    fd = os.open(netns.path(ns), os.O_RDONLY)
-    netns.setns(fd)  # the main thread, then exec: the command runs in the namespace
-    os.close(fd)
-    try:
-        os.execvp(cmd[0], cmd)
-    except FileNotFoundError:
-        err_console.print(f"error: {cmd[0]}: command not found")
-        return 127
+    # `ip netns exec` as a user would type it: it also bind-mounts /etc/netns/NAME/*
+    # (e.g. the pod's resolv.conf) over /etc and remounts /sys for the namespace.
+    os.execvp("ip", ["ip", "netns", "exec", ns, *cmd])
     return 0  # not reached
 
 

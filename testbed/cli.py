@@ -44,7 +44,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     cluster = topology.load(args.topology)  # validated before anything is created
     if args.name:
         cluster.name = args.name
-    cluster.extra["proxy"] = {"mode": args.proxy_mode, "backend": args.iptables_backend}
+    cluster.extra["proxy"] = {"mode": args.proxy_mode, "backend": args.iptables_backend, "scheduler": args.ipvs_scheduler}
     controlplane.admit_all(cluster)  # kube-apiserver admission: bad Services fail here
     _need_root("up")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -383,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("up", help="build a cluster from a topology file")
     s.add_argument("topology", metavar="TOPOLOGY", help="topology YAML (e.g. topologies/seed.yaml)")
     s.add_argument("--name", help="cluster name (default: the topology's metadata.name)")
-    s.add_argument("--proxy-mode", default="iptables", choices=["iptables"], help="kube-proxy mode (default iptables)")
+    s.add_argument("--proxy-mode", default="iptables", choices=["iptables", "ipvs", "nftables"],
+                   help="kube-proxy mode (default iptables)")
+    s.add_argument("--ipvs-scheduler", default="rr", metavar="SCHED", help="IPVS scheduler (rr, wrr, lc, sh, mh, ...)")
     s.add_argument("--iptables-backend", default="nft", choices=["legacy", "nft"],
                    help="iptables backend kube-proxy uses in every node (default nft, as Debian 12's iptables)")
     s.set_defaults(func=cmd_up)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture(scope="module")
 def seed():
-    run_cli("clean")
+    run_cli("down", "--name", "tseed")
     run_cli("up", "topologies/seed.yaml", "--name", "tseed", check=True)
     try:
         yield state.load_cluster("tseed")

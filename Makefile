@@ -1,5 +1,10 @@
 # The two commands a newcomer runs (README): `sudo make demo` and `sudo make test`.
-.PHONY: setup test test-quick demo bench clean
+# VENV: the virtual environment (the Vagrant VM sets it in /etc/testbed.env).
+VENV ?= .venv
+-include /etc/testbed.env
+export TESTBED_VENV := $(VENV)
+
+.PHONY: setup test demo bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -8,12 +13,12 @@ test: setup
 	bash scripts/test.sh
 
 demo: setup
-	.venv/bin/testbed up topologies/seed.yaml
-	.venv/bin/testbed status
-	.venv/bin/testbed down
+	$(VENV)/bin/testbed up topologies/seed.yaml
+	$(VENV)/bin/testbed get services
+	$(VENV)/bin/testbed down
 
 bench: setup
-	.venv/bin/python benchmarks/bench_fabric.py
+	$(VENV)/bin/python benchmarks/bench_fabric.py
 
 clean:
-	-.venv/bin/testbed clean
+	-$(VENV)/bin/testbed clean

@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+# The virtual environment: .venv in the checkout, or TESTBED_VENV (the Vagrant VM keeps
+# it outside the synced folder).
+VENV=${TESTBED_VENV:-.venv}
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup: must run as root (try: sudo make test)" >&2
@@ -15,6 +18,7 @@ DEB_PACKAGES=(
     iproute2 iputils-ping iptables nftables ipset ipvsadm conntrack kmod procps psmisc
     user-mode-linux uml-utilities dnsmasq-base wrk dnsutils
     python3 python3-venv python3-pip
+    vagrant
 )
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
@@ -45,17 +49,19 @@ VENV_PKG="python3-venv"
     apt-get install -y -qq "python3.$("$PY" -c 'import sys; print(sys.version_info[1])')-venv" >/dev/null || apt-get install -y -qq "$VENV_PKG" >/dev/null
 }
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-    rm -rf .venv
-    "$PY" -m venv .venv
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    rm -rf "$VENV"
+    mkdir -p "$(dirname "$VENV")"
+    "$PY" -m venv "$VENV"
 fi
-# Reinstall only when pyproject.toml changed since the last install.
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+VENV=$(cd "$VENV" && pwd)
+# Reinstall only when pyproject.toml or the checkout's place changed since the last install.
+stamp="$VENV/.installed-$( (cat pyproject.toml; echo "$ROOT") | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".[test]"
-    rm -f .venv/.installed-*
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e ".[test]"
+    rm -f "$VENV"/.installed-*
     touch "$stamp"
 fi
-ln -sf "$ROOT/.venv/bin/testbed" /usr/local/bin/testbed
-echo "setup: ok ($(.venv/bin/python --version), testbed -> /usr/local/bin/testbed)"
+ln -sf "$VENV/bin/testbed" /usr/local/bin/testbed
+echo "setup: ok ($("$VENV/bin/python" --version), venv $VENV, testbed -> /usr/local/bin/testbed)"

@@ -2,7 +2,7 @@
 # Runs the whole test suite; exit code 5 ("no tests collected") is a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-.venv/bin/python -m pytest "$@"
+"${TESTBED_VENV:-.venv}/bin/python" -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "test: pytest collected no tests: failing" >&2

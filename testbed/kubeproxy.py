@@ -198,8 +198,14 @@ def proxier_for(cluster: Cluster, node: Node, settings: dict, state_dir: Path): 
 
 def sync_all(cluster: Cluster, objects: list[dict], settings: dict, state_dir: Path, full: bool = False) -> list[SyncResult]:
     """Sync kube-proxy on every node (each node's own view: its name decides which
-    endpoints are local)."""
-    return [proxier_for(cluster, node, settings, state_dir).sync(objects, full=full) for node in cluster.nodes]
+    endpoints are local), then clean stale UDP conntrack entries as every mode does."""
+    from testbed import conntrack
+
+    results = [proxier_for(cluster, node, settings, state_dir).sync(objects, full=full) for node in cluster.nodes]
+    services, endpoints = servicemap.build_maps(objects)
+    for node in cluster.nodes:
+        conntrack.clean_stale_entries(node.netns, services, endpoints)
+    return results
 
 
 SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")

@@ -174,3 +174,42 @@ def test_get_outputs(live):
     assert "toolbox" in r.stdout
     r = run_cli("get", "--name", NAME, "widgets")
     assert r.returncode == 2 and 'the server doesn\'t have a resource type "widgets"' in r.stderr
+
+
+def test_udp_conntrack_of_removed_endpoint_is_cleaned(live, tmp_path):
+    """kube-proxy's CleanStaleEntries: a UDP flow pinned (by conntrack) to a pod that
+    goes away is deleted, so the same client socket reaches a remaining pod at once."""
+    import socket
+
+    from testbed import netns
+
+    run_cli("scale", "--name", NAME, "deployment/myapp", "--replicas", "2", check=True)
+    c = cluster()
+    pods = [p for p in c.pods if p.labels.get("app") == "myapp"]
+    doomed = pods[-1]  # scaling down to 1 removes the newest replica
+    ip = svc(c, "my-clusterip-service")["spec"]["clusterIP"]
+    f = tmp_path / "udp.yaml"
+    f.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: udp-ct}\nspec:\n  selector: {app: myapp}\n"
+                 "  ports: [{name: u, protocol: UDP, port: 7777, targetPort: 8080}]\n")
+    run_cli("apply", "--name", NAME, "-f", str(f), check=True)
+    ip = svc(cluster(), "udp-ct")["spec"]["clusterIP"]
+    client = next(p for p in c.pods if p.labels.get("app") == "toolbox" and p.node == "node3")
+    sock = None
+    for _ in range(40):  # find a source port whose flow lands on the doomed pod
+        with netns.entered(client.netns):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(2)
+        s.sendto(b"hostname", (ip, 7777))
+        if s.recv(100).decode() == doomed.name:
+            sock = s
+            break
+        s.close()
+    assert sock is not None
+    sock.sendto(b"hostname", (ip, 7777))
+    assert sock.recv(100).decode() == doomed.name  # conntrack pins the flow
+    run_cli("scale", "--name", NAME, "deployment/myapp", "--replicas", "1", check=True)
+    sock.sendto(b"hostname", (ip, 7777))
+    assert sock.recv(100).decode() == pods[0].name
+    sock.close()
+    run_cli("delete", "--name", NAME, "-f", str(f), check=True)
+    run_cli("scale", "--name", NAME, "deployment/myapp", "--replicas", "2", check=True)

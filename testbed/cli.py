@@ -45,6 +45,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.name:
         cluster.name = args.name
     cluster.extra["proxy"] = {"mode": args.proxy_mode, "backend": args.iptables_backend, "scheduler": args.ipvs_scheduler}
+    from testbed import dns
+
+    dns.add_system_objects(cluster)  # kube-system/coredns: Deployment + Service at the third Service IP
     controlplane.admit_all(cluster)  # kube-apiserver admission: bad Services fail here
     _need_root("up")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -127,6 +130,9 @@ def _resolve_target(cluster, target: str) -> str:  # noqa: ANN001
         hits = [p.netns for p in cluster.pods if p.name == target]
         hits += [n.netns for n in cluster.nodes if n.name == target]
         hits += [c.netns for c in cluster.clients if c.name == target]
+        from testbed import dns
+
+        hits += [h.netns for h in dns.external_hosts(cluster) if h.name == target]
     if not hits:
         raise InputError(f'Invalid value: "{target}": no pod, node or client of that name in cluster {cluster.name}', field="TARGET")
     if len(hits) > 1:

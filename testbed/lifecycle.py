@@ -44,6 +44,10 @@ def up(cluster: Cluster, progress: Progress | None = None) -> Cluster:
         fabric.build(cluster, progress)
         info.podserver_pid = start_podserver(cluster, info)
         sync_proxies(cluster, full=True)
+        from testbed import dns
+
+        dns.start(cluster, state.run_dir(cluster.name))  # cluster DNS + the outside world
+        state.save_cluster(cluster)
         info.phase = "up"
         state.save_info(info)
     except BaseException:
@@ -63,6 +67,9 @@ def sync_proxies(cluster: Cluster, full: bool = False) -> list:
     settings = proxy_settings(cluster)
     results = kubeproxy.sync_all(cluster, controlplane.objects(cluster), settings, state.run_dir(cluster.name), full=full)
     loadbalancer.announce(cluster)
+    from testbed import dns
+
+    dns.update(cluster, state.run_dir(cluster.name))  # records follow every change (no-op before start)
     cluster.extra["lastSync"] = [r.__dict__ for r in results]
     state.save_cluster(cluster)
     return results

@@ -36,8 +36,10 @@ def test_up_prints_table_and_status(seed):
 
 
 def test_namespaces_named_with_run_prefix(seed):
+    from testbed import dns
+
     mine = netns.list_names(f"tb-{seed.run_id}-")
-    assert len(mine) == 1 + len(seed.nodes) + len(seed.clients) + len(seed.pods)
+    assert len(mine) == 1 + len(seed.nodes) + len(seed.clients) + len(seed.pods) + len(dns.external_hosts(seed))
     assert all(netns.exists(p.netns) for p in seed.pods)
 
 

@@ -231,6 +231,19 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pod(args: argparse.Namespace) -> int:
+    from testbed import lifecycle, state
+
+    _need_root("pod")
+    cname = state.resolve(args.name)
+    with state.locked(cname):
+        cluster = state.load_cluster(cname)
+        key = args.pod if "/" in args.pod else f"{args.namespace}/{args.pod}"
+        results = lifecycle.set_pod_ready(cluster, key, args.action == "start")
+    console.print(f"pod/{args.pod} {'started (Ready)' if args.action == 'start' else 'stopped (not Ready)'}{_summary(results)}")
+    return 0
+
+
 def _read_manifests(files: list[str]) -> list[tuple[str, dict]]:
     from testbed import topology
 
@@ -432,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--replicas", type=int, required=True)
     s.add_argument("-n", "--namespace", default="default")
     s.set_defaults(func=cmd_scale)
+
+    s = sub.add_parser("pod", help="stop or start one pod's server (endpoint churn, readiness changes)")
+    s.add_argument("--name", help="cluster name")
+    s.add_argument("action", choices=["stop", "start"])
+    s.add_argument("pod", metavar="POD", help="NAME or NAMESPACE/NAME")
+    s.add_argument("-n", "--namespace", default="default")
+    s.set_defaults(func=cmd_pod)
 
     for verb, fn, text in (("apply", cmd_apply, "create or update objects from manifests (like kubectl apply -f)"),
                            ("delete", cmd_delete, "delete the objects named in manifests (like kubectl delete -f)")):

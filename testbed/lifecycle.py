@@ -16,7 +16,7 @@ import sys
 import time
 
 from testbed import clean, fabric, state
-from testbed.errors import KernelError, StateError
+from testbed.errors import InputError, KernelError, StateError
 from testbed.fabric import Progress
 from testbed.model import Cluster
 
@@ -152,5 +152,24 @@ def change_pods(cluster: Cluster, added: list, removed: list) -> list:
         fabric.remove_pods(added)
         raise
     fabric.remove_pods(removed)
+    controlplane.reconcile(cluster)
+    return sync_proxies(cluster)
+
+
+def set_pod_ready(cluster: Cluster, key: str, ready: bool) -> list:
+    """Stop or start one pod's server (its sockets close: the endpoint dies, as when a
+    container exits) and mark the pod not Ready / Ready; the EndpointSlice controller,
+    every kube-proxy and the cluster DNS follow."""
+    from testbed import controlplane, podserver
+
+    pod = next((p for p in cluster.pods if p.key == key or p.name == key), None)
+    if pod is None:
+        raise InputError(f'pods "{key}" not found')
+    if not pod.ports:
+        raise InputError(f'pod "{pod.key}" has no containerPorts: nothing to stop or start')
+    reply = podserver.control(str(state.control_socket(cluster.name)), "start" if ready else "stop", pod=pod.key)
+    if "error" in reply:
+        raise KernelError(f"pod server: {reply['error']}")
+    pod.ready = ready
     controlplane.reconcile(cluster)
     return sync_proxies(cluster)

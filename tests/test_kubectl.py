@@ -213,3 +213,20 @@ def test_udp_conntrack_of_removed_endpoint_is_cleaned(live, tmp_path):
     sock.close()
     run_cli("delete", "--name", NAME, "-f", str(f), check=True)
     run_cli("scale", "--name", NAME, "deployment/myapp", "--replicas", "2", check=True)
+
+
+def test_pod_stop_makes_it_not_ready_everywhere(live):
+    c = cluster()
+    pods = sorted(p.name for p in c.pods if p.labels.get("app") == "myapp")
+    victim, survivor = pods[0], pods[1]
+    r = run_cli("pod", "--name", NAME, "stop", victim, check=True)
+    assert "not Ready" in r.stdout
+    c = cluster()
+    eps = [e for s in c.endpointslices if s["metadata"]["labels"].get("kubernetes.io/service-name") == "my-clusterip-service"
+           for e in s.get("endpoints") or []]
+    assert {e["targetRef"]["name"]: e["conditions"]["ready"] for e in eps} == {victim: False, survivor: True}
+    assert hits(c, "my-clusterip-service") == {survivor}
+    r = run_cli("get", "--name", NAME, "pods", check=True)
+    assert any(victim in line and "0/1" in line for line in r.stdout.splitlines())
+    run_cli("pod", "--name", NAME, "start", victim, check=True)
+    assert hits(cluster(), "my-clusterip-service") == set(pods)

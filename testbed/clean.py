@@ -122,7 +122,10 @@ def clean(run_id: str | None = None) -> CleanReport:
     namespaces = netns.list_names(prefix)
     procs = find_processes(namespaces, None if run_id is None else [str(state.run_dir(d)) for d in dirs])
     kill(procs)
-    report.processes = procs
+    from testbed import guest  # guest kernels of `testbed guest` / guest.run (cluster guests live in tb-<id>-guest)
+
+    guest_pids, _ = guest.cleanup(run_id)
+    report.processes = procs + [p for p in guest_pids if p not in procs]
     for name in namespaces:
         netns.delete(name)
         # per-namespace files `ip netns exec` mounts (a pod's resolv.conf)

@@ -44,12 +44,28 @@ def cmd_up(args: argparse.Namespace) -> int:
     cluster = topology.load(args.topology)  # validated before anything is created
     if args.name:
         cluster.name = args.name
-    cluster.extra["proxy"] = {"mode": args.proxy_mode, "backend": args.iptables_backend, "scheduler": args.ipvs_scheduler}
+    cluster.extra["proxy"] = {"mode": args.proxy_mode, "backend": args.iptables_backend or "nft", "scheduler": args.ipvs_scheduler}
     from testbed import dns
 
     dns.add_system_objects(cluster)  # kube-system/coredns: Deployment + Service at the third Service IP
     controlplane.admit_all(cluster)  # kube-apiserver admission: bad Services fail here
     _need_root("up")
+    from testbed import guest
+
+    kernel, why = guest.choose_kernel(args.kernel, [args.proxy_mode])
+    if kernel == "uml":
+        err_console.print(f"kernel: {why}")
+        argv_up = ["up", args.topology, "--name", cluster.name, "--proxy-mode", args.proxy_mode,
+                   "--ipvs-scheduler", args.ipvs_scheduler]
+        if args.iptables_backend:
+            argv_up += ["--iptables-backend", args.iptables_backend]
+        h = guest.start_cluster_guest(cluster.name, argv_up)
+        sys.stdout.write(h.up_stdout)
+        sys.stderr.write(h.up_stderr)
+        if h.up_returncode == 0:
+            console.print(f"inside guest kernel {h.guest_id} (host namespace {h.netns}); "
+                          f"`testbed down --name {cluster.name}` stops it")
+        return h.up_returncode
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
@@ -165,6 +181,12 @@ def cmd_down(args: argparse.Namespace) -> int:
         name = state.resolve(args.name)
     except TestbedError as e:
         console.print(f"nothing to do: {e}")
+        return 0
+    from testbed import guest
+
+    if guest.lives_in_guest(name):
+        guest.stop(name)
+        console.print(f"cluster {name} is down: its guest kernel was stopped")
         return 0
     report = lifecycle.down(name)
     console.print(f"cluster {name} is down: {len(report.namespaces)} namespaces, {len(report.processes)} processes removed")
@@ -384,10 +406,17 @@ def cmd_proxy_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_guest(args: argparse.Namespace) -> int:
+    from testbed import guest
+
+    _need_root("guest")
+    return guest.main_guest(list(args.command), timeout=args.timeout)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from testbed import doctor
 
-    return doctor.main(console, json_output=args.json)
+    return doctor.main(console, json_output=args.json, guest_kernel=not args.no_guest)
 
 
 # --------------------------------------------------------------------------- parser
@@ -405,8 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--proxy-mode", default="iptables", choices=["iptables", "ipvs", "nftables"],
                    help="kube-proxy mode (default iptables)")
     s.add_argument("--ipvs-scheduler", default="rr", metavar="SCHED", help="IPVS scheduler (rr, wrr, lc, sh, mh, ...)")
-    s.add_argument("--iptables-backend", default="nft", choices=["legacy", "nft"],
-                   help="iptables backend kube-proxy uses in every node (default nft, as Debian 12's iptables)")
+    s.add_argument("--iptables-backend", default=None, choices=["legacy", "nft"],
+                   help="iptables backend kube-proxy uses in every node (default nft, as Debian 12's iptables; "
+                        "legacy in the guest kernel)")
+    s.add_argument("--kernel", default="auto", choices=["host", "uml", "auto"],
+                   help="where the cluster runs: this kernel, a User-Mode Linux guest kernel, or auto "
+                        "(the host when it has what the proxy mode needs; default)")
     s.set_defaults(func=cmd_up)
 
     s = sub.add_parser("status", help="show the live cluster")
@@ -482,16 +515,32 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sorted", action="store_true", help="normalise as kube-proxy's unit tests compare")
     r.set_defaults(func=cmd_proxy_render)
 
+    s = sub.add_parser("guest", help="run a command inside a fresh User-Mode Linux guest kernel (IPVS, netem)")
+    s.add_argument("--timeout", type=float, default=600.0, metavar="S", help="kill the guest after S seconds (default 600)")
+    s.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
+    s.set_defaults(func=cmd_guest)
+
     s = sub.add_parser("doctor", help="what this machine supports, and which proxy modes can run")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--no-guest", action="store_true", help="do not boot the UML guest kernel to probe it (saves ~5 s)")
     s.set_defaults(func=cmd_doctor)
     return p
+
+
+# commands that act on a live cluster: sent to the guest kernel when the cluster lives in one
+FORWARDED = {cmd_status, cmd_exec, cmd_get, cmd_rules, cmd_scale, cmd_apply, cmd_delete, cmd_pod}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.func in FORWARDED:
+            from testbed import guest
+
+            rc = guest.forward_cli(getattr(args, "name", None), list(sys.argv[1:] if argv is None else argv))
+            if rc is not None:
+                return rc
         return int(args.func(args) or 0)
     except TestbedError as e:
         err_console.print(f"error: {e}", markup=False, soft_wrap=True)

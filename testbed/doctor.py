@@ -553,12 +553,16 @@ def conclude(root: bool, kernel: dict[str, Check], uml: dict[str, Check]) -> tup
 # --------------------------------------------------------------------------- run + render
 
 
-def run() -> dict[str, Any]:
-    """All probes; returns the JSON-ready report."""
+def run(guest_kernel: bool = True) -> dict[str, Any]:
+    """All probes; returns the JSON-ready report. ``guest_kernel``: also boot the UML
+    guest once (~5 s) and probe its kernel the same way."""
     t0 = time.perf_counter()
     root = os.geteuid() == 0
     system = probe_system()
+    from testbed import guest as guest_mod
+
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="doctor") as pool:
+        guest_f = pool.submit(guest_mod.capabilities, 120.0) if guest_kernel and root and guest_mod.available() else None
         tool_f = {name: pool.submit(probe_tool, name) for name in TOOLS}
         uml_f = pool.submit(_guarded, probe_uml, ("linux_uml", "modules", "ip_vs", "nf_tables", "sch_netem", "dummy"))
         kernel: dict[str, Check] = {}
@@ -575,6 +579,10 @@ def run() -> dict[str, Any]:
                     kernel.update(f.result())
         tools = {name: f.result() for name, f in tool_f.items()}
         uml = uml_f.result()
+        try:
+            booted = guest_f.result() if guest_f else None
+        except Exception as e:  # noqa: BLE001 - a guest that fails to boot is a finding, not a crash
+            booted = {"available": False, "detail": f"guest kernel did not boot: {e}", "kernel": {}, "proxy_modes": {}}
     kernel = {k: kernel[k] for k in KERNEL_KEYS}  # stable order
     modes, guest = conclude(root, kernel, uml)
     return {
@@ -587,6 +595,7 @@ def run() -> dict[str, Any]:
         "uml": {k: c.as_dict() for k, c in uml.items()},
         "proxy_modes": {k: c.as_dict() for k, c in modes.items()},
         "guest_kernel": guest.as_dict(),
+        "guest": booted,
     }
 
 
@@ -638,11 +647,27 @@ def render(report: dict[str, Any], console: Console) -> None:
     g = report["guest_kernel"]
     m.add_section()
     m.add_row("guest kernel (UML)", Text("yes" if g["available"] else "no", style=STYLE[g["status"]]), Text(g["detail"]))
+    booted = report.get("guest")
+    if booted and booted.get("kernel"):
+        for name, ok in booted.get("proxy_modes", {}).items():
+            m.add_row(f"{LABELS['proxy_modes'].get(name, name)} in the guest", Text("yes" if ok else "no",
+                      style="green" if ok else "yellow"), Text(f"UML kernel {booted.get('release', '')}"))
     console.print(m)
+    if booted and booted.get("kernel"):
+        gt = Table(title=f"guest kernel (UML {booted.get('release', '')}, booted in {booted.get('boot_s', 0):.1f} s)",
+                   title_justify="left")
+        gt.add_column("CHECK", no_wrap=True)
+        gt.add_column("STATUS", no_wrap=True)
+        gt.add_column("DETAIL", overflow="fold")
+        for name, c in booted["kernel"].items():
+            gt.add_row(LABELS["kernel"].get(name, name), _status_text(c["status"]), Text(c["detail"]))
+        console.print(gt)
+    elif booted:
+        console.print(f"guest kernel: {booted.get('detail', 'not available')}")
 
 
-def main(console: Console, json_output: bool = False) -> int:
-    report = run()
+def main(console: Console, json_output: bool = False, guest_kernel: bool = True) -> int:
+    report = run(guest_kernel=guest_kernel)
     if json_output:
         console.print(json.dumps(report, indent=2), markup=False, highlight=False, emoji=False, soft_wrap=True)
     else:

@@ -13,9 +13,7 @@ test: setup
 	bash scripts/test.sh
 
 demo: setup
-	$(VENV)/bin/testbed up topologies/seed.yaml
-	$(VENV)/bin/testbed get services
-	$(VENV)/bin/testbed down
+	$(VENV)/bin/testbed run experiments/ipvs_vs_iptables.yaml --profile quick
 
 bench: setup
 	$(VENV)/bin/python benchmarks/bench_fabric.py

@@ -413,6 +413,19 @@ def cmd_guest(args: argparse.Namespace) -> int:
     return guest.main_guest(list(args.command), timeout=args.timeout)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from testbed import experiment
+
+    return experiment.main_run(args.file, profile=args.profile, kernel=args.kernel, out=args.out, resume=args.resume,
+                               console=console)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from testbed import report
+
+    return report.main_report(args.dir, console)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from testbed import doctor
 
@@ -514,6 +527,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--random-fully", type=_bool, default=True, metavar="true|false")
     r.add_argument("--sorted", action="store_true", help="normalise as kube-proxy's unit tests compare")
     r.set_defaults(func=cmd_proxy_render)
+
+    s = sub.add_parser("run", help="run an experiment: compare kube-proxy modes, write a results folder")
+    s.add_argument("file", nargs="?", metavar="FILE", help="experiment YAML (optional with --resume)")
+    s.add_argument("--profile", metavar="NAME", help="sweep profile of the experiment file (e.g. quick, full)")
+    s.add_argument("--kernel", choices=["host", "uml", "auto"], help="override the experiment's kernel")
+    s.add_argument("--out", metavar="DIR", help="results folder (default results/<name>/<UTC timestamp>)")
+    s.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("report", help="rebuild summary, plots and report of a results folder from its raw rows")
+    s.add_argument("dir", metavar="DIR")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("guest", help="run a command inside a fresh User-Mode Linux guest kernel (IPVS, netem)")
     s.add_argument("--timeout", type=float, default=600.0, metavar="S", help="kill the guest after S seconds (default 600)")

@@ -1,0 +1,156 @@
+"""Reports from raw rows (no root): summaries count what the rows hold, conclusions
+follow the data, and `testbed report` rebuilds the same files byte for byte.
+
+The raw rows here are made up with known properties (a rotation and a uniform random
+choice over backends; latency that grows with the Services for one variant and not
+the other) — they test the arithmetic, not the kernel (tests/test_experiment.py runs
+the real thing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from testbed import report
+
+BACKENDS = ["myapp-a", "myapp-b", "myapp-c"]
+
+
+def _rows(variant: str, mode: str, services: int, rep: int, n: int, rng: np.random.Generator, *, rotate: bool,
+          base_us: float, per_1k_us: float) -> pd.DataFrame:
+    warm = 5
+    total = n + warm
+    if rotate:
+        backend = [BACKENDS[i % 3] for i in range(total)]
+    else:
+        backend = list(rng.choice(BACKENDS, size=total))
+    connect = base_us + per_1k_us * services / 1000 + rng.exponential(3.0, size=total)
+    trial = f"{mode}-e3-s{services}-r{rep}"
+    return pd.DataFrame({
+        "client": "default/toolbox-x", "worker": 0, "seq": np.arange(total), "start_ns": np.arange(total) * 100_000,
+        "lag_us": 0.0, "resolve_us": np.nan, "connect_us": connect, "total_us": connect + 50.0, "bytes": 200,
+        "status": 200, "backend": backend, "source_seen": "", "error": ["ECONNRESET" if i == warm + 7 else "" for i in range(total)],
+        "warmup": np.arange(total) < warm, "client_ip": "10.233.64.3", "client_node": "node1", "target": "clusterip",
+        "via": "clusterIP", "entry": "all", "ask": "hostname", "service": "default/my-clusterip-service", "protocol": "http",
+        "connection": "new", "dst": "10.233.1.1:80", "expected_backends": ",".join(BACKENDS), "dispatch_position": services + 1,
+        "dispatch_total": services + 3, "measures": "latency,fairness", "trial": trial, "variant": variant, "mode": mode,
+        "proxy_backend": "legacy" if mode == "iptables" else "", "scheduler": "rr" if mode == "ipvs" else "",
+        "kernel": "host", "services": services, "services_total": services + 5, "endpoints": 3, "rep": rep,
+    })
+
+
+def _sync(variant: str, mode: str, services: int, rep: int, per_svc_s: float) -> pd.DataFrame:
+    rows = []
+    for op in ("full", "add_one", "delete_one"):
+        for node in ("node1", "node2", "node3"):
+            rows.append({"node": node, "full": op == "full", "render_s": 0.001 + per_svc_s * services * 0.2,
+                         "apply_s": 0.002 + per_svc_s * services, "changed_services": 1 if op != "full" else services + 4,
+                         "nat_rules": 40 + (11 * services if mode == "iptables" else 0), "filter_rules": 4, "deleted_chains": 0,
+                         "op": op, "wall_s": 0.01, "trial": f"{mode}-e3-s{services}-r{rep}", "variant": variant, "mode": mode,
+                         "proxy_backend": "legacy" if mode == "iptables" else "", "scheduler": "rr" if mode == "ipvs" else "",
+                         "kernel": "host", "services": services, "services_total": services + 5, "endpoints": 3, "rep": rep})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(11)
+    samples, syncs = [], []
+    for variant, mode, rotate, growth, sync_per in (("iptables (legacy)", "iptables", False, 10.0, 2e-5),
+                                                    ("ipvs rr", "ipvs", True, 0.0, 0.0)):
+        for services in (1, 1000, 5000):
+            for rep in range(3):
+                samples.append(_rows(variant, mode, services, rep, 600, rng, rotate=rotate, base_us=20.0, per_1k_us=growth))
+                syncs.append(_sync(variant, mode, services, rep, sync_per))
+    d = tmp_path / "res"
+    d.mkdir()
+    pd.concat(samples, ignore_index=True).to_parquet(d / "samples.parquet", index=False)
+    pd.concat(syncs, ignore_index=True).to_parquet(d / "syncs.parquet", index=False)
+    (d / "manifest.json").write_text(json.dumps({
+        "name": "fake", "status": "complete", "kernel": {"release": "6.1.0", "runtime": "uml"},
+        "machine": {"virtualization": "none", "cpus": 2}, "experiment": {"file": "x.yaml", "sha256": "ab" * 32},
+        "trials": {"total": 18, "done": 18}, "skipped": {"nftables": "nftables cannot run on this kernel"}}))
+    return d
+
+
+def test_summary_counts_match_the_rows(results):
+    samples = pd.read_parquet(results / "samples.parquet")
+    s = report.summarize(samples)
+    assert list(s.columns) == report.SUMMARY_COLUMNS
+    assert len(s) == 2 * 3 * 3
+    assert (s["requests"] == 600).all()  # warmup rows left out
+    assert (s["errors"] == 1).all() and np.allclose(s["error_rate"], 1 / 600)
+    # one trial by hand
+    g = samples[(samples["trial"] == "iptables-e3-s1000-r1") & ~samples["warmup"]]
+    row = s[s["trial"] == "iptables-e3-s1000-r1"].iloc[0]
+    ok = g[g["error"] == ""]
+    counts = ok["backend"].value_counts()
+    assert row["backends"] == 3
+    assert row["jain"] == pytest.approx(counts.sum() ** 2 / (3 * (counts**2).sum()))
+    assert row["connect_p50_us"] == float(np.sort(ok["connect_us"])[int(np.ceil(0.5 * len(ok))) - 1])
+    # the rotation is exact: counts 200/200/200 minus the one error
+    rot = s[s["mode"] == "ipvs"]
+    assert (rot["max_dev"] <= 1).all() and (rot["chi2_p"] > 0.99).all()
+
+
+def test_conclusions_follow_the_data(results):
+    samples = pd.read_parquet(results / "samples.parquet")
+    summary = report.summarize(samples)
+    sync = report.sync_table(pd.read_parquet(results / "syncs.parquet"))
+    lt = report.latency_trend(summary, samples).set_index("variant")
+    assert lt.loc["iptables (legacy)", "verdict"] == "grows"
+    assert lt.loc["iptables (legacy)", "slope_us_per_1k"] == pytest.approx(10.0, rel=0.15)
+    assert lt.loc["ipvs rr", "verdict"] == "flat"
+    fv = report.fairness_verdicts(summary).set_index("variant")
+    assert fv.loc["ipvs rr", "verdict"] == "exact"
+    assert fv.loc["iptables (legacy)", "verdict"] == "multinomial"
+    st = report.sync_trend(sync).set_index(["variant", "op"])
+    assert st.loc[("iptables (legacy)", "full"), "verdict"] == "grows"
+    assert st.loc[("ipvs rr", "full"), "verdict"] == "flat"
+    text = "\n".join(report.conclusions(summary, sync, samples))
+    assert "**iptables (legacy)**, clusterip: first-packet (connect) p50" in text and "**grows**" in text
+
+
+def test_build_writes_everything_and_rebuilds_byte_for_byte(results):
+    report.build(results)
+    for name in ("summary.csv", "sync.csv", "report.md", "report.html"):
+        assert (results / name).stat().st_size > 0
+    for plot in report.PLOTS:
+        assert (results / f"{plot}.png").stat().st_size > 2000 and (results / f"{plot}.svg").stat().st_size > 2000
+    md = (results / "report.md").read_text()
+    assert "uml" in md and "Skipped" in md and "nftables cannot run on this kernel" in md
+    assert "![" in md and "latency_vs_services.svg" in md
+    html = (results / "report.html").read_text()
+    assert "<table>" in html and "<img" in html
+    first = {n: (results / n).read_bytes() for n in ("summary.csv", "sync.csv", "report.md", "latency_vs_services.svg")}
+    report.build(results)
+    for n, data in first.items():
+        assert (results / n).read_bytes() == data, n
+    sync = pd.read_csv(results / "sync.csv")
+    assert len(sync) == 2 * 3 * 3 * 3 and (sync["nodes"] == 3).all()
+
+
+def test_trials_folder_is_gathered_in_journal_order(results):
+    """An unfinished run keeps raw rows per trial; build() gathers them."""
+    samples = pd.read_parquet(results / "samples.parquet")
+    syncs = pd.read_parquet(results / "syncs.parquet")
+    (results / "samples.parquet").unlink()
+    (results / "syncs.parquet").unlink()
+    tdir = results / "trials"
+    tdir.mkdir()
+    ids = list(dict.fromkeys(samples["trial"]))[:4]
+    for i in ids:
+        samples[samples["trial"] == i].to_parquet(tdir / f"{i}.samples.parquet", index=False)
+        syncs[syncs["trial"] == i].to_parquet(tdir / f"{i}.sync.parquet", index=False)
+    (results / "trials.jsonl").write_text("".join(json.dumps({"trial": i}) + "\n" for i in reversed(ids)))
+    report.build(results, final=False)
+    got = pd.read_parquet(results / "samples.parquet")
+    assert list(dict.fromkeys(got["trial"])) == list(reversed(ids))
+    assert tdir.exists()
+    report.build(results, final=True)
+    assert not tdir.exists()
+    assert len(pd.read_parquet(results / "samples.parquet")) == len(got)

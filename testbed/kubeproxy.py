@@ -201,7 +201,12 @@ def sync_all(cluster: Cluster, objects: list[dict], settings: dict, state_dir: P
     endpoints are local), then clean stale UDP conntrack entries as every mode does."""
     from testbed import conntrack
 
-    results = [proxier_for(cluster, node, settings, state_dir).sync(objects, full=full) for node in cluster.nodes]
+    # Every node's kube-proxy works independently, as on a real cluster: in parallel.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, len(cluster.nodes)), thread_name_prefix="kube-proxy") as pool:
+        futures = [pool.submit(proxier_for(cluster, node, settings, state_dir).sync, objects, full) for node in cluster.nodes]
+        results = [f.result() for f in futures]
     services, endpoints = servicemap.build_maps(objects)
     for node in cluster.nodes:
         conntrack.clean_stale_entries(node.netns, services, endpoints)

@@ -49,6 +49,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     dns.add_system_objects(cluster)  # kube-system/coredns: Deployment + Service at the third Service IP
     controlplane.admit_all(cluster)  # kube-apiserver admission: bad Services fail here
+    if args.proxy_mode == "ipvs":
+        from testbed.proxy.ipvs import validate_scheduler
+
+        validate_scheduler(args.ipvs_scheduler)
     _need_root("up")
     from testbed import guest
 
@@ -372,6 +376,25 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f'invalid boolean value: "{text}" (true or false)')
 
 
+def _render_nftables(args: argparse.Namespace, services, endpoints, nodeport_addresses) -> int:  # noqa: ANN001
+    """kube-proxy's nftables mode: the `nft -f` transaction of a first full sync."""
+    from testbed.proxy.nftables import NFTablesConfig, render_nftables
+
+    cfg = NFTablesConfig(
+        hostname_override=args.hostname_override, node_ip=args.node_ip, cluster_cidr=args.cluster_cidr,
+        masquerade_bit=args.masquerade_bit, masquerade_mark=args.masquerade_mark, masquerade_all=args.masquerade_all,
+        nodeport_addresses=nodeport_addresses,
+        service_cidrs=[c for c in (args.service_cidrs or "").split(",") if c],
+    )
+    text = render_nftables(services, endpoints, cfg)
+    if args.sorted:
+        from testbed.proxy.nft_normalize import sort_nftables_transaction
+
+        text = sort_nftables_transaction(text)
+    sys.stdout.write(text)
+    return 0
+
+
 def cmd_proxy_render(args: argparse.Namespace) -> int:
     """Exactly what kube-proxy would feed iptables-restore on that node (pure)."""
     from testbed import topology
@@ -389,6 +412,22 @@ def cmd_proxy_render(args: argparse.Namespace) -> int:
             # healthCheckNodePort on an eTP=Cluster Service); it parses sloppily.
             objects.append(obj)
     services, endpoints = servicemap.build_maps(objects)
+    nodeport_addresses = [c for c in (args.nodeport_addresses or "").split(",") if c]
+    if args.proxy_mode == "ipvs":
+        from testbed.proxy.ipvs import IPVSConfig, render_ipvs_text
+
+        icfg = IPVSConfig(
+            hostname_override=args.hostname_override, node_ip=args.node_ip, cluster_cidr=args.cluster_cidr,
+            masquerade_bit=args.masquerade_bit, masquerade_mark=args.masquerade_mark, masquerade_all=args.masquerade_all,
+            nodeport_addresses=nodeport_addresses, ipvs_scheduler=args.ipvs_scheduler, ipvs_strict_arp=args.ipvs_strict_arp,
+            ipvs_exclude_cidrs=[c for c in args.ipvs_exclude_cidrs.split(",") if c],
+            ipvs_tcp_timeout=args.ipvs_tcp_timeout, ipvs_tcpfin_timeout=args.ipvs_tcpfin_timeout,
+            ipvs_udp_timeout=args.ipvs_udp_timeout, random_fully=args.random_fully, kernel_version=os.uname().release,
+        )
+        sys.stdout.write(render_ipvs_text((services, endpoints), icfg))
+        return 0
+    if args.proxy_mode == "nftables":
+        return _render_nftables(args, services, endpoints, nodeport_addresses)
     cfg = IPTablesConfig(
         hostname_override=args.hostname_override,
         node_ip=args.node_ip,
@@ -396,7 +435,7 @@ def cmd_proxy_render(args: argparse.Namespace) -> int:
         masquerade_bit=args.masquerade_bit,
         masquerade_mark=args.masquerade_mark,
         masquerade_all=args.masquerade_all,
-        nodeport_addresses=[c for c in (args.nodeport_addresses or "").split(",") if c],
+        nodeport_addresses=nodeport_addresses,
         localhost_nodeports=args.localhost_nodeports,
         nfacct=args.nfacct,
         random_fully=args.random_fully,
@@ -510,7 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
     psub = s.add_subparsers(dest="proxy_command", metavar="SUBCOMMAND", parser_class=_Parser)
     psub.required = True
     r = psub.add_parser("render", help="print what kube-proxy would program on one node for these manifests")
-    r.add_argument("--proxy-mode", default="iptables", choices=["iptables"])
+    r.add_argument("--proxy-mode", default="iptables", choices=["iptables", "ipvs", "nftables"])
+    r.add_argument("--service-cidrs", default="", metavar="CIDR,...", help="nftables: the ServiceCIDR ranges")
+    r.add_argument("--ipvs-scheduler", default="rr", metavar="SCHED")
+    r.add_argument("--ipvs-strict-arp", action="store_true")
+    r.add_argument("--ipvs-exclude-cidrs", default="", metavar="CIDR,...")
+    r.add_argument("--ipvs-tcp-timeout", type=int, default=0)
+    r.add_argument("--ipvs-tcpfin-timeout", type=int, default=0)
+    r.add_argument("--ipvs-udp-timeout", type=int, default=0)
     r.add_argument("-f", "--filename", action="extend", nargs="+", required=True, metavar="FILE",
                    help="Service / EndpointSlice manifests (repeatable; multi-document YAML)")
     r.add_argument("--hostname-override", default="", metavar="NODE", help="this node's name (decides local endpoints)")

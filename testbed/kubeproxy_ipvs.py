@@ -378,11 +378,61 @@ def read_ipvs(ns: str) -> tuple[dict, dict]:
                 sched = a.get(_SVC_SCHED, b"").rstrip(b"\0").decode()
                 vs = VirtualServer(addr, proto, port, sched, flags & ~FLAG_HASHED, timeout)
                 vss[vs.key] = vs
+        # /proc/net/ip_vs is not a complete listing when several namespaces hold IPVS
+        # services: its seq_file resumes each read() at a position counted over every
+        # namespace's services but skips only this one's (ip_vs_info_array vs
+        # ip_vs_info_seq_next, seen on the 6.1 UML kernel with three nodes), so whole
+        # service records go missing. For every service the netlink dump has and /proc
+        # lacks, ask netlink for its real servers (IPVS_CMD_GET_DEST, what kube-proxy's
+        # GetRealServers sends).
+        for key in vss.keys() - scheds.keys():
+            rss[key] = _dump_dests(sock, family, vss[key])
     finally:
         sock.close()
     for key in scheds.keys() - vss.keys():  # (added between the two reads: take /proc's view)
         vss[key] = VirtualServer(key[1], key[0], key[2], scheds[key])
     return vss, {k: rss.get(k, {}) for k in vss}
+
+
+_IPVS_CMD_GET_DEST, _IPVS_CMD_ATTR_DEST = 8, 2
+_DEST_ADDR, _DEST_PORT, _DEST_WEIGHT, _DEST_ADDR_FAMILY = 1, 2, 4, 11
+_dump_seq = iter(range(1000, 1 << 31))
+
+
+def _dump_dests(sock: socket.socket, family: int, vs) -> dict:  # noqa: ANN001
+    """The real servers of one virtual server, over generic netlink."""
+    from testbed.proxy.ipvs import RealServer
+
+    af = socket.AF_INET6 if ":" in vs.address else socket.AF_INET
+    raw = socket.inet_pton(af, vs.address)
+    proto = {v: k for k, v in _PROTO_NAMES.items()}[vs.protocol]
+    key = (_rta(_SVC_AF, struct.pack("=H", af)) + _rta(_SVC_PROTOCOL, struct.pack("=H", proto))
+           + _rta(_SVC_ADDR, raw + b"\0" * (16 - len(raw))) + _rta(_SVC_PORT, struct.pack("!H", vs.port)))
+    seq = next(_dump_seq)
+    body = _GENL.pack(_IPVS_CMD_GET_DEST, 1, 0) + _nested(_IPVS_CMD_ATTR_SERVICE, key)
+    sock.send(_HDR.pack(_HDR.size + len(body), family, _F_REQUEST | _F_DUMP, seq, 0) + body)
+    out: dict = {}
+    while True:
+        for t, s, payload in _nl_messages(sock.recv(1 << 20)):
+            if s != seq:
+                continue
+            if t == _NLMSG_DONE:
+                return out
+            if t == _NLMSG_ERROR:
+                code = -struct.unpack_from("=i", payload)[0]
+                if code:
+                    raise KernelError(f"IPVS destination dump of {vs.address}:{vs.port}: {os.strerror(code)}")
+                return out
+            d = _attrs(payload, _GENL.size).get(_IPVS_CMD_ATTR_DEST)
+            if d is None:
+                continue
+            a = _attrs(d)
+            daf = struct.unpack_from("=H", a[_DEST_ADDR_FAMILY])[0] if _DEST_ADDR_FAMILY in a else af
+            draw = a[_DEST_ADDR]
+            addr = socket.inet_ntop(daf, draw[:16] if daf == socket.AF_INET6 else draw[:4])
+            port = struct.unpack_from("!H", a[_DEST_PORT])[0]
+            weight = struct.unpack_from("=i", a[_DEST_WEIGHT])[0] if _DEST_WEIGHT in a else 1
+            out[(addr, port)] = RealServer(addr, port, weight)
 
 
 def any_ipsets(ns: str) -> bool:

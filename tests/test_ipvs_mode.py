@@ -142,6 +142,41 @@ def scheduler_checks() -> dict:
     return out
 
 
+def multi_namespace_read_check() -> dict:
+    """Three namespaces holding the same 200 virtual servers x 3 real servers, as three
+    nodes do: reading one node's IPVS table back must see all of them (the kernel's
+    /proc/net/ip_vs listing loses whole services when several namespaces use IPVS)."""
+    from testbed import netns
+    from testbed.fabric import rtnl
+    from testbed.kubeproxy import run_in
+    from testbed.kubeproxy_ipvs import read_ipvs
+
+    tag = secrets.token_hex(3)
+    names = [f"tb-ipvsr{tag}-n{i}" for i in range(3)]
+    text = "".join(
+        f"-A -t 10.96.{i // 200}.{i % 200 + 1}:80 -s rr\n"
+        + "".join(f"-a -t 10.96.{i // 200}.{i % 200 + 1}:80 -r 10.181.{j}.{i % 200 + 1}:8080 -m -w 1\n" for j in (1, 2, 3))
+        for i in range(200)
+    )
+    out: dict = {}
+    try:
+        for ns in names:
+            netns.create(ns)
+            with rtnl(ns) as ipr:
+                ipr.link("add", ifname="d0", kind="dummy", state="up")
+                ipr.addr("add", index=ipr.link_lookup(ifname="d0")[0], address="10.181.0.254", prefixlen=16)
+            run_in(ns, ["ipvsadm", "-R"], input=text)
+        for ns in names:
+            vs, rs = read_ipvs(ns)
+            with netns.entered(ns), open("/proc/thread-self/net/ip_vs") as f:
+                proc_services = sum(1 for line in f.read().splitlines() if line.startswith("TCP"))
+            out[ns[-2:]] = {"vs": len(vs), "rs": sum(len(v) for v in rs.values()), "proc_services": proc_services}
+    finally:
+        for ns in names:
+            netns.delete(ns)
+    return out
+
+
 def inside() -> dict:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tests"))
@@ -301,6 +336,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--inside"]:
     result = inside()
     try:
         result["scheduler"] = scheduler_checks()
+        result["multi_ns_read"] = multi_namespace_read_check()
     except Exception as e:  # noqa: BLE001
         import traceback
 
@@ -545,3 +581,12 @@ def test_any_ipsets(throwaway_ns):
     assert any_ipsets(throwaway_ns) is False
     run_in(throwaway_ns, ["ipset", "create", "KUBE-CLUSTER-IP", "hash:ip,port"])
     assert any_ipsets(throwaway_ns) is True
+
+
+def test_reading_ipvs_back_is_complete_with_several_namespaces(res):
+    """The incremental sync diffs against what it reads back: a short read would make it
+    re-add existing real servers (`ipvsadm -R`: "Destination already exists")."""
+    for node, counts in res["multi_ns_read"].items():
+        assert (counts["vs"], counts["rs"]) == (200, 600), (node, counts)
+    # and the scenario does hit the kernel's short /proc listing (else this proves nothing)
+    assert any(c["proc_services"] < 200 for c in res["multi_ns_read"].values()), res["multi_ns_read"]

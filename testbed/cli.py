@@ -387,10 +387,10 @@ def _render_nftables(args: argparse.Namespace, services, endpoints, nodeport_add
         service_cidrs=[c for c in (args.service_cidrs or "").split(",") if c],
     )
     text = render_nftables(services, endpoints, cfg)
-    if args.sorted:
-        from testbed.proxy.nft_normalize import sort_nftables_transaction
+    if args.sorted:  # kube-proxy's unit tests' normal form (sortNFTablesTransaction of the final state)
+        from testbed.proxy.nft_normalize import normal_form
 
-        text = sort_nftables_transaction(text)
+        text = normal_form(text) + "\n"
     sys.stdout.write(text)
     return 0
 

@@ -43,3 +43,25 @@ def test_render_bad_flag_one_line():
         "error: argument --localhost-nodeports: invalid boolean value: \"maybe\" (true or false) "
         "(see `testbed proxy render --help`)"
     ]
+
+
+def test_render_nftables_equals_vector_3_in_normal_form():
+    from testbed.proxy.nft_normalize import normal_form
+
+    vec = ROOT / "tests/vectors/overall_nftables"
+    r = run_cli("proxy", "render", "--proxy-mode", "nftables", "-f", str(vec / "services.yaml"), str(vec / "endpointslices.yaml"),
+                "--hostname-override", "test-node", "--node-ip", "192.168.0.2", "--cluster-cidr", "10.0.0.0/8",
+                "--masquerade-mark", "0x4000", "--nodeport-addresses", "192.168.0.2/32", "--service-cidrs", "172.30.0.0/16",
+                "--sorted", check=True)
+    assert r.stdout == normal_form((vec / "expected.txt").read_text()) + "\n"
+
+
+def test_render_ipvs_prints_the_three_tools_inputs():
+    r = run_cli("proxy", "render", "--proxy-mode", "ipvs", "-f", str(VEC / "services.yaml"), str(VEC / "endpointslices.yaml"),
+                "--hostname-override", "test-node", "--node-ip", "192.168.0.2", "--cluster-cidr", "10.0.0.0/8", check=True)
+    out = r.stdout
+    for section in ("# ipvsadm -R (scheduler rr)", "# ipset restore", "# iptables-restore"):
+        assert any(line.startswith(section) for line in out.splitlines()), section
+    assert "-A -t 172.30.0.41:80 -s rr\n-a -t 172.30.0.41:80 -r 10.180.0.1:80 -m -w 1\n" in out
+    r = run_cli("proxy", "render", "--proxy-mode", "ipvs", "-f", str(VEC / "services.yaml"), "--ipvs-scheduler", "no such")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

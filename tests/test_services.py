@@ -1,5 +1,6 @@
-"""Services made real by kube-proxy's iptables mode on every node: real traffic
-through the kernel's rules, on both iptables backends."""
+"""Services made real by kube-proxy on every node: real traffic through the kernel's
+rules, in iptables mode on both backends and in nftables mode (IPVS runs the same
+checks inside the guest kernel: tests/test_ipvs_mode.py)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,15 @@ pytestmark = pytest.mark.root
 N = 24  # requests per check: P(missing one of 2 random endpoints) = 2 * 0.5**24
 
 
-@pytest.fixture(scope="module", params=["nft", "legacy"])
+MODES = {"nft": ["--iptables-backend", "nft"], "legacy": ["--iptables-backend", "legacy"],
+         "nftables": ["--proxy-mode", "nftables"]}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
 def cluster(request):
     name = f"tsvc-{request.param}"
     run_cli("down", "--name", name)
-    run_cli("up", "tests/data/services.yaml", "--name", name, "--iptables-backend", request.param, check=True)
+    run_cli("up", "tests/data/services.yaml", "--name", name, *MODES[request.param], check=True)
     try:
         yield state.load_cluster(name)
     finally:
@@ -155,8 +160,12 @@ def test_udp_service(cluster):
 
 
 def test_rules_command_shows_live_rules(cluster):
+    nft = cluster.extra["proxy"]["mode"] == "nftables"
     r = run_cli("rules", "node1", "--name", cluster.name, check=True)
-    assert "-A KUBE-SERVICES" in r.stdout and "KUBE-SVC-" in r.stdout
+    if nft:
+        assert "table ip kube-proxy" in r.stdout and "service-ips" in r.stdout
+    else:
+        assert "-A KUBE-SERVICES" in r.stdout and "KUBE-SVC-" in r.stdout
     r = run_cli("rules", "node1", "--name", cluster.name, "--service", "default/my-nodeport-service", check=True)
     assert "30080" in r.stdout and "my-clusterip-service" not in r.stdout
 

@@ -209,6 +209,15 @@ def inside() -> dict:
             for n, s in svc.items()
         }
         res["sync"] = c.extra.get("lastSync")
+        # the cluster DNS is a Service too: queries cross the IPVS rules
+        from testbed import dns
+
+        resolver = dns.resolver_for(toolbox["node1"])
+        res["dns"] = {
+            "clusterip": [a.address for a in resolver.resolve("my-clusterip-service", "A")],
+            "headless": sorted(a.address for a in resolver.resolve("my-headless-service", "A")),
+            "tcp": [a.address for a in resolver.resolve("my-clusterip-service.default.svc.cluster.local", "A", tcp=True)],
+        }
 
         # the kernel's state on each node
         res["ipvs"] = {n.name: _ipvs_table(n.netns) for n in c.nodes}
@@ -590,3 +599,9 @@ def test_reading_ipvs_back_is_complete_with_several_namespaces(res):
         assert (counts["vs"], counts["rs"]) == (200, 600), (node, counts)
     # and the scenario does hit the kernel's short /proc listing (else this proves nothing)
     assert any(c["proc_services"] < 200 for c in res["multi_ns_read"].values()), res["multi_ns_read"]
+
+
+def test_cluster_dns_through_ipvs(res):
+    ip = res["svc"]["my-clusterip-service"]["clusterIP"]
+    assert res["dns"]["clusterip"] == [ip] and res["dns"]["tcp"] == [ip]
+    assert res["dns"]["headless"] == sorted(res["myapp"].values())

@@ -174,3 +174,16 @@ def test_headless_and_external_name_get_no_rules(cluster):
     r = run_cli("rules", "node2", "--name", cluster.name, check=True)
     assert "my-headless-service" not in r.stdout and "my-external-service" not in r.stdout
     assert svc(cluster, "my-headless-service")["spec"]["clusterIP"] == "None"
+
+
+def test_cluster_dns_through_this_mode(cluster):
+    """The cluster DNS is itself a Service (kube-system/coredns at 10.233.0.3): queries
+    cross this mode's rules, over UDP and TCP."""
+    from testbed import dns
+
+    client = toolbox(cluster)[0]
+    res = dns.resolver_for(client)
+    ip = svc(cluster, "my-clusterip-service")["spec"]["clusterIP"]
+    assert [a.address for a in res.resolve("my-clusterip-service", "A")] == [ip]
+    assert [a.address for a in res.resolve("my-clusterip-service.default.svc.cluster.local", "A", tcp=True)] == [ip]
+    assert sorted(a.address for a in res.resolve("my-headless-service", "A")) == sorted(p.ip for p in myapp(cluster))

@@ -32,6 +32,7 @@ from typing import Iterable, Mapping, Sequence
 
 from .types import (
     Endpoint,
+    NodePortAddresses,
     NamespacedName,
     ServicePort,
     ServicePortName,
@@ -261,7 +262,7 @@ class IPTablesConfig:
         then does kube-proxy set sysctl ``net/ipv4/conf/all/route_localnet=1``."""
         if not self.localhost_nodeports or self.is_ipv6:
             return False
-        return _NodePortAddresses(self.ip_family, self.nodeport_addresses).contains_ipv4_loopback
+        return NodePortAddresses(self.ip_family, self.nodeport_addresses).contains_ipv4_loopback
 
     def local_cidr(self) -> str | None:
         """The ``--cluster-cidr`` entry of this family (``NewDetectLocalByCIDR``)."""
@@ -272,49 +273,6 @@ class IPTablesConfig:
             if part and (":" in part) == self.is_ipv6:
                 return part
         return None
-
-
-class _NodePortAddresses:
-    """``proxyutil.NodePortAddresses`` (``nodeport_addresses.go``)."""
-
-    def __init__(self, ip_family: str, cidrs: Sequence[str]):
-        v6 = ip_family == "IPv6"
-        nets = []
-        for text in cidrs:
-            try:
-                net = ipaddress.ip_network(text.strip(), strict=False)
-            except ValueError:
-                continue
-            if (net.version == 6) == v6:
-                nets.append(net)
-        if not nets:
-            nets = [ipaddress.ip_network("::/0" if v6 else "0.0.0.0/0")]
-        self.cidrs: list[_IPNetwork] = []
-        self.match_all = False
-        self.contains_ipv4_loopback = False
-        loop = ipaddress.ip_address("127.0.0.0")
-        for net in nets:
-            if net.version == 4 and (net.network_address.is_loopback or loop in net):
-                self.contains_ipv4_loopback = True
-            if net.prefixlen == 0:
-                self.cidrs = [net]
-                self.match_all = True
-                break
-            self.cidrs.append(net)
-
-    def node_ips(self, addresses: Iterable[str]) -> list[_IPAddress]:
-        """``GetNodeIPs``: the node addresses inside the CIDRs (kube-proxy dedups through
-        a Go map, so its order is random; here: sorted)."""
-        found = {}
-        for text in addresses:
-            try:
-                ip = ipaddress.ip_address(text.split("/")[0])
-            except ValueError:
-                continue
-            for net in self.cidrs:
-                if ip.version == net.version and ip in net:
-                    found[str(ip)] = ip
-        return sorted(found.values())
 
 
 # --- result -------------------------------------------------------------------------
@@ -426,7 +384,7 @@ def render_iptables_sync(
     topo = config.topology_labels
     prefer_node = config.prefer_same_traffic_distribution
     local_cidr = config.local_cidr()
-    npa = _NodePortAddresses(config.ip_family, config.nodeport_addresses)
+    npa = NodePortAddresses(config.ip_family, config.nodeport_addresses)
     localhost_nodeports = config.localhost_nodeports_enabled()
     localhost_np_rule = localhost_nodeports and config.nfacct  # && ipFamily == IPv4 (implied)
     node_ip = None

@@ -54,7 +54,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from testbed.errors import InputError
 
-from .iptables import JumpRule, _NodePortAddresses, format_masquerade_mark
+from .iptables import JumpRule, format_masquerade_mark
+from .types import NodePortAddresses
 from .servicemap import build_maps
 from .types import Endpoint, NamespacedName, ServicePort, ServicePortName, categorize_endpoints, join_host_port
 
@@ -541,7 +542,7 @@ def render_ipvs(
     # Node IPs that get a virtual server per NodePort (computed once, if any NodePort).
     node_ips: list[str] = []
     if any(svc.node_port for svc in services.values()):
-        npa = _NodePortAddresses(config.ip_family, config.nodeport_addresses)
+        npa = NodePortAddresses(config.ip_family, config.nodeport_addresses)
         if npa.match_all:
             node_ips = _sorted_ips(node_address_set)
         else:

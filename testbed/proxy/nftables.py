@@ -48,7 +48,7 @@ from functools import lru_cache
 from typing import Iterable, Mapping, Sequence
 
 from .iptables import format_masquerade_mark
-from .types import Endpoint, NamespacedName, ServicePort, ServicePortName, categorize_endpoints
+from .types import Endpoint, NamespacedName, NodePortAddresses, ServicePort, ServicePortName, categorize_endpoints
 
 __all__ = [
     "TABLE",
@@ -278,38 +278,6 @@ class NFTablesConfig:
     def service_cidrs_string(self) -> str:
         """``proxier.serviceCIDRs``: this family's CIDRs joined with ``,``."""
         return ",".join(c for c in self.service_cidrs if c and (":" not in c) != self.is_ipv6)
-
-
-class _NodePortAddresses:
-    """``proxyutil.NodePortAddresses`` (``nodeport_addresses.go``)."""
-
-    def __init__(self, ip_family: str, cidrs: Sequence[str]):
-        v6 = ip_family == "IPv6"
-        nets = []
-        for text in cidrs:
-            try:
-                net = ipaddress.ip_network(text.strip(), strict=False)
-            except ValueError:
-                continue
-            if (net.version == 6) == v6:
-                nets.append(net)
-        if not nets:
-            nets = [ipaddress.ip_network("::/0" if v6 else "0.0.0.0/0")]
-        self.match_all = any(n.prefixlen == 0 for n in nets)
-        self.cidrs = nets
-
-    def node_ips(self, addresses: Iterable[str]) -> list:
-        """``GetNodeIPs``: node addresses inside the CIDRs, deduplicated (kube-proxy
-        through a Go map, random order; here sorted)."""
-        found = {}
-        for text in addresses:
-            try:
-                ip = ipaddress.ip_address(text.split("/")[0])
-            except ValueError:
-                continue
-            if any(ip.version == n.version and ip in n for n in self.cidrs):
-                found[str(ip)] = ip
-        return sorted(found.values())
 
 
 # --- what the kernel holds ---------------------------------------------------------------
@@ -596,7 +564,7 @@ def render_nftables_sync(
     topo = config.topology_labels
     prefer_node = config.prefer_same_traffic_distribution
     local_cidr = config.local_cidr()
-    npa = _NodePortAddresses(config.ip_family, config.nodeport_addresses)
+    npa = NodePortAddresses(config.ip_family, config.nodeport_addresses)
     node_ip = None
     if config.node_ip:
         try:

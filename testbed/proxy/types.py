@@ -18,8 +18,10 @@ result is the same as kube-proxy's ``EndpointSliceCache.isLocal``.
 
 from __future__ import annotations
 
+import ipaddress
+
 from dataclasses import dataclass, field
-from typing import Mapping, NamedTuple, Sequence
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 __all__ = [
     "NamespacedName",
@@ -307,3 +309,47 @@ def categorize_endpoints(
         merged[ep.endpoint] = ep
     all_reachable = [merged[k] for k in sorted(merged)]
     return cluster, local, all_reachable, has_any
+
+
+class NodePortAddresses:
+    """``proxyutil.NodePortAddresses`` (``nodeport_addresses.go``): ``--nodeport-addresses``
+    resolved for one IP family; shared by every mode."""
+
+    def __init__(self, ip_family: str, cidrs: Sequence[str]):
+        v6 = ip_family == "IPv6"
+        nets = []
+        for text in cidrs:
+            try:
+                net = ipaddress.ip_network(text.strip(), strict=False)
+            except ValueError:
+                continue
+            if (net.version == 6) == v6:
+                nets.append(net)
+        if not nets:
+            nets = [ipaddress.ip_network("::/0" if v6 else "0.0.0.0/0")]
+        self.cidrs: list[_IPNetwork] = []
+        self.match_all = False
+        self.contains_ipv4_loopback = False
+        loop = ipaddress.ip_address("127.0.0.0")
+        for net in nets:
+            if net.version == 4 and (net.network_address.is_loopback or loop in net):
+                self.contains_ipv4_loopback = True
+            if net.prefixlen == 0:
+                self.cidrs = [net]
+                self.match_all = True
+                break
+            self.cidrs.append(net)
+
+    def node_ips(self, addresses: Iterable[str]) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        """``GetNodeIPs``: the node addresses inside the CIDRs (kube-proxy dedups through
+        a Go map, so its order is random; here: sorted)."""
+        found = {}
+        for text in addresses:
+            try:
+                ip = ipaddress.ip_address(text.split("/")[0])
+            except ValueError:
+                continue
+            for net in self.cidrs:
+                if ip.version == net.version and ip in net:
+                    found[str(ip)] = ip
+        return sorted(found.values())

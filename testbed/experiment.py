@@ -394,20 +394,9 @@ class Loaded:
 
 
 def read(file: str) -> tuple[dict[str, Any], str]:
-    try:
-        text = Path(file).read_text()
-    except FileNotFoundError:
-        raise InputError("no such file", file=file) from None
-    except (IsADirectoryError, PermissionError) as e:
-        raise InputError(e.strerror or str(e), file=file) from None
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise InputError(f"{where}YAML syntax error: {e.problem}", file=file) from None
-    except yaml.YAMLError as e:
-        raise InputError(f"YAML syntax error: {e}", file=file) from None
+    from testbed.topology import load_yaml
+
+    docs, text = load_yaml(file)
     if len(docs) != 1 or not isinstance(docs[0], dict):
         raise InputError("expected one YAML document: a mapping with name, topology, modes, traffic, ...", file=file)
     return docs[0], text

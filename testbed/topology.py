@@ -183,8 +183,9 @@ def _first_error(e: ValidationError, file: str) -> InputError:
     return InputError(msg, file=file, field=path)
 
 
-def read_yaml_documents(file: str) -> list[dict[str, Any]]:
-    """All documents of a YAML file (empty ones dropped); syntax errors become one line."""
+def load_yaml(file: str) -> tuple[list[Any], str]:
+    """A YAML file's documents (empty ones dropped) and its text; a missing file or a
+    syntax error becomes one line naming the file (and the line and column)."""
     try:
         text = Path(file).read_text()
     except FileNotFoundError:
@@ -199,6 +200,12 @@ def read_yaml_documents(file: str) -> list[dict[str, Any]]:
         raise InputError(f"{where}YAML syntax error: {e.problem}", file=file) from None
     except yaml.YAMLError as e:
         raise InputError(f"YAML syntax error: {e}", file=file) from None
+    return docs, text
+
+
+def read_yaml_documents(file: str) -> list[dict[str, Any]]:
+    """All documents of a YAML file, each a mapping (a Kubernetes object or a Topology)."""
+    docs, _text = load_yaml(file)
     for i, d in enumerate(docs):
         if not isinstance(d, dict):
             raise InputError(f"document {i + 1} is not a mapping (an object with apiVersion and kind)", file=file)

@@ -642,7 +642,7 @@ class ServiceRegistry:
     def create(self, svc: Mapping[str, Any], file: str | None = None) -> dict[str, Any]:
         """``kubectl create`` of one Service; returns the stored object (a copy)."""
         obj = self._decode(svc, file)
-        meta, spec = obj["metadata"], obj["spec"]
+        meta = obj["metadata"]
         obj["status"] = {"loadBalancer": {}}  # PrepareForCreate clears status
         key = (meta["namespace"], str(meta.get("name") or ""))
         txn = _Txn()

@@ -161,7 +161,7 @@ def _resolve_target(cluster, target: str) -> str:  # noqa: ANN001
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    from testbed import netns, state
+    from testbed import state
 
     _need_root("exec")
     cmd = list(args.command)

@@ -102,12 +102,10 @@ import json
 import math
 import os
 import secrets
-import select
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -911,29 +909,10 @@ def _start_external_server(cluster: Cluster, d: Path) -> int:
     ext.mkdir(parents=True, exist_ok=True)
     cfile = ext / "cluster.json"
     _atomic_write(cfile, _external_cluster(cluster).model_dump_json(indent=1))
-    log_path = ext / "podserver.log"
-    log = open(log_path, "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "testbed.podserver", "--cluster", str(cfile), "--control", str(ext / "podserver.sock"), "--log", str(log_path)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
-    )
-    log.close()
-    assert proc.stdout is not None
-    line = b""
-    deadline = time.monotonic() + START_TIMEOUT * 3
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if r:
-            line = proc.stdout.readline()
-            break
-        if proc.poll() is not None:
-            break
-    proc.stdout.close()
-    if line.strip() != b"ready":
-        proc.kill()
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
-        raise KernelError(f"external hosts' servers did not become ready: {tail[0] if tail else 'no output'}")
-    return proc.pid
+    from testbed import podserver
+
+    return podserver.spawn(cfile, ext / "podserver.sock", ext / "podserver.log", timeout=START_TIMEOUT * 3,
+                           what="external hosts' servers")
 
 
 def _resolve_external(cluster: Cluster, pods: list[Pod], targets: list[str]) -> list[tuple[str, str]]:

@@ -56,7 +56,6 @@ import copy
 import datetime as dt
 import hashlib
 import json
-import math
 import os
 import platform
 import re
@@ -66,7 +65,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 

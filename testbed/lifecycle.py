@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import select
-import subprocess
-import sys
-import time
 
 from testbed import clean, fabric, state
 from testbed.errors import InputError, KernelError, StateError
@@ -77,40 +73,17 @@ def sync_proxies(cluster: Cluster, full: bool = False) -> list:
 
 def start_podserver(cluster: Cluster, info: state.RunInfo) -> int:
     """Spawn the one process that serves every pod; wait until all sockets listen."""
+    from testbed import podserver
+
     if not any(p.ports for p in cluster.pods):
         return 0
-    log = open(state.log_file(cluster.name), "ab")
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "testbed.podserver",
-            "--cluster", str(state.cluster_file(cluster.name)),
-            "--control", str(state.control_socket(cluster.name)),
-            "--log", str(state.log_file(cluster.name)),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        start_new_session=True,  # survives the CLI; Ctrl-C in the terminal does not reach it
-    )
-    log.close()
-    info.podserver_pid = proc.pid
-    state.save_info(info)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + PODSERVER_READY_TIMEOUT
-    line = b""
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if r:
-            line = proc.stdout.readline()
-            break
-        if proc.poll() is not None:
-            break
-    proc.stdout.close()
-    if line.strip() != b"ready":
-        proc.kill()
-        tail = state.log_file(cluster.name).read_text(errors="replace").strip().splitlines()[-1:]
-        raise KernelError(f"pod servers did not become ready: {tail[0] if tail else 'no output'}")
-    return proc.pid
+
+    def record(pid: int) -> None:
+        info.podserver_pid = pid
+        state.save_info(info)
+
+    return podserver.spawn(state.cluster_file(cluster.name), state.control_socket(cluster.name),
+                           state.log_file(cluster.name), timeout=PODSERVER_READY_TIMEOUT, on_spawn=record)
 
 
 def down(name: str) -> clean.CleanReport:

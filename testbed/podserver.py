@@ -808,3 +808,46 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def spawn(cluster_file: str | os.PathLike, control: str | os.PathLike, log: str | os.PathLike, *, timeout: float,
+          what: str = "pod servers", on_spawn=None) -> int:  # noqa: ANN001
+    """Start ``python -m testbed.podserver`` detached (its own session: it outlives the
+    CLI, and a Ctrl-C in the terminal does not reach it) and wait until it says every
+    socket listens. ``on_spawn(pid)`` runs as soon as the process exists, before the
+    wait (so crash cleanup can find it). Returns the pid; on failure kills it and
+    raises KernelError with the last line of its log."""
+    import select
+    import subprocess
+    import time as _time
+
+    from testbed.errors import KernelError
+
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "testbed.podserver", "--cluster", str(cluster_file), "--control", str(control),
+             "--log", str(log)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf, start_new_session=True,
+        )
+    if on_spawn is not None:
+        on_spawn(proc.pid)
+    assert proc.stdout is not None
+    deadline = _time.monotonic() + timeout
+    line = b""
+    while _time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        if ready:
+            line = proc.stdout.readline()
+            break
+        if proc.poll() is not None:
+            break
+    proc.stdout.close()
+    if line.strip() != b"ready":
+        proc.kill()
+        try:
+            with open(log, errors="replace") as f:
+                tail = f.read().strip().splitlines()[-1:]
+        except OSError:
+            tail = []
+        raise KernelError(f"{what} did not become ready: {tail[0] if tail else 'no output'}")
+    return proc.pid

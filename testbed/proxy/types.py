@@ -327,7 +327,7 @@ class NodePortAddresses:
                 nets.append(net)
         if not nets:
             nets = [ipaddress.ip_network("::/0" if v6 else "0.0.0.0/0")]
-        self.cidrs: list[_IPNetwork] = []
+        self.cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.match_all = False
         self.contains_ipv4_loopback = False
         loop = ipaddress.ip_address("127.0.0.0")

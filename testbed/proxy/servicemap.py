@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from functools import lru_cache
 from typing import Any, Iterable, Iterator, Mapping
 
 from .types import (
@@ -80,6 +81,11 @@ def parse_ip_sloppy(text: Any) -> str | None:
     """
     if not isinstance(text, str) or not text or "%" in text:
         return None
+    return _parse_ip_sloppy(text)
+
+
+@lru_cache(maxsize=1 << 17)
+def _parse_ip_sloppy(text: str) -> str | None:  # the same endpoint IPs recur across Services and syncs
     m = _V4_SLOPPY.match(text)
     if m:
         parts = [int(p) for p in m.groups()]

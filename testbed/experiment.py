@@ -93,7 +93,7 @@ MAX_SERVICES = 60_000  # a /16 service CIDR; the topology's CIDR is the real bou
 MAX_TRIALS = 10_000
 KERNEL_RUNTIME_ENV = "TESTBED_KERNEL_RUNTIME"  # "host" / "uml": overrides the detection
 GUEST_TIMEOUT = 3 * 3600.0  # one guest run; trials are journaled, so --resume continues after it
-GUEST_MEM = "3G"  # the guest's RAM: a cluster with thousands of Services, pandas and the pod servers
+GUEST_MEM = "6G"  # the guest's RAM: 3 nodes x 10,000 Services of rules, DNS records, pandas and the pod servers (3G ran out)
 
 
 # --------------------------------------------------------------------------- the file

@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import hashlib
 import json
 import os
 import resource
@@ -251,15 +252,22 @@ def run_tool(ns: str, argv: list[str], input: str | None, timeout: float) -> sub
 
 
 def kernel_rule_counts(ns: str, backend: str, timeout: float) -> dict[str, int]:
-    """``-A`` lines per table in ``iptables-save`` (outside any timed region)."""
+    """``-A`` lines per table in ``iptables-save`` and a digest of the dump (outside any
+    timed region)."""
     out = run_tool(ns, [tool(backend, "iptables-save")], None, timeout).stdout
     counts: dict[str, int] = defaultdict(int)
     table = ""
+    kept = []
     for line in out.splitlines():
+        if line.startswith("#"):
+            continue
+        kept.append(line.split(" [", 1)[0] if line.startswith(":") else line)
         if line.startswith("*"):
             table = line[1:]
         elif line.startswith("-A "):
             counts[table] += 1
+    # a digest of the whole dump (order included, counters left out)
+    counts["digest"] = hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
     return dict(counts)
 
 
@@ -267,12 +275,15 @@ def kernel_rule_counts(ns: str, backend: str, timeout: float) -> dict[str, int]:
 
 
 def _category(argv: list[str]) -> str:
+    """save: iptables-save; restore: the sync's ``iptables-restore --noflush --counters``;
+    setup: everything else (canary chains and jump rules: ``iptables -N/-C/-I`` processes
+    in kube-proxy's way, or one small ``iptables-restore --noflush`` without counters)."""
     exe = os.path.basename(argv[0])
     if exe.endswith("-save"):
         return "save"
-    if exe.endswith("-restore"):
+    if exe.endswith("-restore") and "--counters" in argv:
         return "restore"
-    return "setup"  # iptables -N / -C / -I (canary chains, jump rules)
+    return "setup"
 
 
 @contextlib.contextmanager
@@ -336,19 +347,20 @@ def timed_sync(proxier: IPTablesProxier, objects: list[dict], full: bool) -> tup
 
 
 class LeanProxier(IPTablesProxier):
-    """The applier with the two costs that do not scale with the buffer removed:
+    """The applier with what does not scale with the buffer trimmed (prototype):
 
-    * full sync: instead of ~31 ``iptables -N/-C/-I`` processes, one ``iptables-save``
-      (all tables) answers "which jump rules / canary chains exist", and the missing ones
-      go into the same ``iptables-restore`` buffer (``-I`` lines after the chain
-      declarations; the canary chains as ``:KUBE-PROXY-CANARY - [0:0]`` in their tables);
-    * partial sync in large-cluster mode: no ``iptables-save -t nat`` (kube-proxy skips it
-      until ``syncPeriod`` has passed since the last cleanup), existing_nat_chains=None;
+    * full sync: the missing jump rules and canary chains go into the sync's own
+      ``iptables-restore`` buffer (``-I`` lines after the chain declarations; canary
+      chains as ``:KUBE-PROXY-CANARY - [0:0]`` in mangle/filter/nat), decided from one
+      ``iptables-save`` of all tables: one restore process instead of two (and instead of
+      ~31-45 ``iptables -N/-C/-I`` processes in kube-proxy's own way);
+    * partial sync in large-cluster mode (> 1000 endpoints): no ``iptables-save -t nat``
+      (kube-proxy skips it until ``syncPeriod`` has passed since the last cleanup);
     * the garbage collector off during the sync (build_maps/render allocate millions of
       objects that live until the end of the sync; each gen-2 pass rescans them).
 
-    Prototype only: the jump-rule presence test matches (chain, comment, target) in the
-    save output instead of ``iptables -C``'s exact rule comparison.
+    The kernel ends up with the same rules in the same order (the table's "kernel" column
+    compares the two namespaces' ``iptables-save`` digests).
     """
 
     def sync(self, objects: list[dict], full: bool = False):  # noqa: ANN201
@@ -409,6 +421,9 @@ def _table_section(saved: str, table: str) -> str:
     return "\n".join(out)
 
 
+_BUILTIN_APPENDS = tuple(f"-A {c} " for c in ("INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"))
+
+
 def _with_jumps_and_canaries(text: str, saved: str, jumps) -> str:  # noqa: ANN001
     """Insert the missing jump rules (and canary chains) into the restore buffer."""
     present: dict[str, set[str]] = defaultdict(set)  # table -> "-A CHAIN ...-j TARGET" lines
@@ -419,7 +434,7 @@ def _with_jumps_and_canaries(text: str, saved: str, jumps) -> str:  # noqa: ANN0
             table = line[1:]
         elif line.startswith(":"):
             chains[table].add(line[1:].split(" ", 1)[0])
-        elif line.startswith("-A "):
+        elif line.startswith(_BUILTIN_APPENDS):  # jump rules live in the built-in chains only
             present[table].add(line)
 
     def has(j) -> bool:  # noqa: ANN001
@@ -432,10 +447,10 @@ def _with_jumps_and_canaries(text: str, saved: str, jumps) -> str:  # noqa: ANN0
         return False
 
     inserts: dict[str, list[str]] = defaultdict(list)
-    for j in jumps:  # prepended one by one: reverse order, as iptables -I leaves them
+    for j in jumps:  # each -I prepends: the chain ends up in reverse order, as kube-proxy leaves it
         if not has(j):
             args = " ".join(f'"{a}"' if " " in a else a for a in j.args)
-            inserts[j.table].insert(0, f"-I {j.chain} {args}")
+            inserts[j.table].append(f"-I {j.chain} {args}")
     sections: dict[str, list[str]] = {}
     cur = None
     for line in text.splitlines():
@@ -642,7 +657,8 @@ def print_table(rows: list[dict], renders: dict[int, tuple[float, float]], proto
     print("load = the machine's 1-min load average when the measurements started (2 cores, shared); "
           "add/full = add-one / full N+1")
     print("tools/bare = the applier's spawned tools only (save + setup + restore, no Python) / bare; "
-          "kernel = rule counts in the kernel agree (A = B + 3 nat jumps" + (", lean = A)" if prototype else ")"))
+          "kernel = rule counts in the kernel agree (A = B + 3 nat jumps"
+          + (", lean's iptables-save = A's, order included)" if prototype else ")"))
     hdr = (f"{'N':>6} {'backend':>7} {'reps':>4} {'render s':>11} {'applier s':>10} {'bare s':>8} {'ratio':>6} {'cpu ratio':>9} "
            f"{'tools/bare':>10} {'add-one s':>10} {'full N+1 s':>11} {'add/full':>9} {'nat rules':>10} {'filter':>7} {'kernel':>7} {'load':>5}")
     if prototype:
@@ -680,7 +696,8 @@ def print_table(rows: list[dict], renders: dict[int, tuple[float, float]], proto
 
 def print_profile(rows: list[dict]) -> None:
     print()
-    print("Where the applier's time goes (medians, s; setup = iptables -N/-C/-I processes, count in brackets)")
+    print("Where the applier's time goes (medians, s; [processes]; setup = canary chains + jump rules, "
+          "other = fingerprints, state file, sysctls)")
     print(f"{'N':>6} {'backend':>7} {'sync':>10} {'total':>7} {'cpu':>7} {'maps':>6} {'render':>7} {'save':>11} "
           f"{'setup':>12} {'restore':>8} {'other':>6}")
     for r in rows:

@@ -26,6 +26,7 @@ tool as kube-proxy's conntrack cleanup does over netlink.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import subprocess
@@ -116,6 +117,17 @@ class IPTablesProxier:
             return {}
 
     def sync(self, objects: list[dict], full: bool = False) -> SyncResult:
+        # A sync allocates hundreds of thousands of small objects and frees them
+        # together: the cyclic garbage collector's passes in between cost ~10-30 %.
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            return self._sync(objects, full)
+        finally:
+            if was:
+                gc.enable()
+
+    def _sync(self, objects: list[dict], full: bool) -> SyncResult:
         ns = self.node.netns
         t0 = time.perf_counter()
         services, endpoints = servicemap.build_maps(objects)

@@ -33,6 +33,8 @@ from typing import Iterable, Mapping, Sequence
 from .types import (
     Endpoint,
     NodePortAddresses,
+    ProxierFlags,
+    format_masquerade_mark,
     NamespacedName,
     ServicePort,
     ServicePortName,
@@ -180,12 +182,6 @@ def compute_probability(n: int) -> str:
     return "%0.10f" % (1.0 / n)
 
 
-def format_masquerade_mark(bit: int) -> str:
-    """``fmt.Sprintf("%#08x", 1<<bit)`` as in ``NewProxier``: ``0x00004000`` for 14
-    (Go pads eight digits after the ``0x``)."""
-    return "0x%08x" % (1 << bit)
-
-
 def chains_from_iptables_save(text: str) -> set[str]:
     """``utiliptables.GetChainsFromTable``: the chain names declared in
     ``iptables-save -t nat`` output (lines ``:NAME POLICY [p:b]``)."""
@@ -201,7 +197,7 @@ def chains_from_iptables_save(text: str) -> set[str]:
 
 
 @dataclass
-class IPTablesConfig:
+class IPTablesConfig(ProxierFlags):
     """kube-proxy flags/fields that shape the iptables rules (names after the flags).
 
     * ``hostname_override``: the node name (``--hostname-override``); endpoints whose
@@ -248,14 +244,6 @@ class IPTablesConfig:
     topology_labels: Mapping[str, str] = field(default_factory=dict)
     prefer_same_traffic_distribution: bool = True
 
-    @property
-    def mark(self) -> str:
-        return self.masquerade_mark if self.masquerade_mark else format_masquerade_mark(self.masquerade_bit)
-
-    @property
-    def is_ipv6(self) -> bool:
-        return self.ip_family == "IPv6"
-
     def localhost_nodeports_enabled(self) -> bool:
         """``localhostNodePorts`` after ``NewProxier``/``NewDualStackProxier``: off for
         IPv6 and when ``--nodeport-addresses`` contains no IPv4 loopback address. Only
@@ -263,16 +251,6 @@ class IPTablesConfig:
         if not self.localhost_nodeports or self.is_ipv6:
             return False
         return NodePortAddresses(self.ip_family, self.nodeport_addresses).contains_ipv4_loopback
-
-    def local_cidr(self) -> str | None:
-        """The ``--cluster-cidr`` entry of this family (``NewDetectLocalByCIDR``)."""
-        if not self.cluster_cidr:
-            return None
-        for part in self.cluster_cidr.split(","):
-            part = part.strip()
-            if part and (":" in part) == self.is_ipv6:
-                return part
-        return None
 
 
 # --- result -------------------------------------------------------------------------

@@ -54,8 +54,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from testbed.errors import InputError
 
-from .iptables import JumpRule, format_masquerade_mark
-from .types import NodePortAddresses
+from .iptables import JumpRule
+from .types import NodePortAddresses, ProxierFlags
 from .servicemap import build_maps
 from .types import Endpoint, NamespacedName, ServicePort, ServicePortName, categorize_endpoints, join_host_port
 
@@ -267,7 +267,7 @@ def _parse_kernel_version(text: str | None) -> tuple[int, ...] | None:
 
 
 @dataclass
-class IPVSConfig:
+class IPVSConfig(ProxierFlags):
     """kube-proxy flags / fields that shape ipvs mode (names after the flags).
 
     * ``hostname_override``: the node name (``--hostname-override``); endpoints whose
@@ -315,24 +315,6 @@ class IPVSConfig:
     topology_labels: Mapping[str, str] = field(default_factory=dict)
     prefer_same_traffic_distribution: bool = True
     kernel_version: str | None = None
-
-    @property
-    def mark(self) -> str:
-        return self.masquerade_mark if self.masquerade_mark else format_masquerade_mark(self.masquerade_bit)
-
-    @property
-    def is_ipv6(self) -> bool:
-        return self.ip_family == "IPv6"
-
-    def local_cidr(self) -> str | None:
-        """The ``--cluster-cidr`` entry of this family (``NewDetectLocalByCIDR``)."""
-        if not self.cluster_cidr:
-            return None
-        for part in self.cluster_cidr.split(","):
-            part = part.strip()
-            if part and (":" in part) == self.is_ipv6:
-                return part
-        return None
 
     def set_name(self, name: str) -> str:
         """``NewIPSet``: IPv6 sets use the prefix ``KUBE-6-``, cut to 31 characters."""

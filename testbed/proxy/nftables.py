@@ -47,8 +47,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterable, Mapping, Sequence
 
-from .iptables import format_masquerade_mark
-from .types import Endpoint, NamespacedName, NodePortAddresses, ServicePort, ServicePortName, categorize_endpoints
+from .types import Endpoint, NamespacedName, NodePortAddresses, ProxierFlags, ServicePort, ServicePortName, categorize_endpoints
 
 __all__ = [
     "TABLE",
@@ -215,7 +214,7 @@ def _q(text: str) -> str:
 
 
 @dataclass
-class NFTablesConfig:
+class NFTablesConfig(ProxierFlags):
     """kube-proxy flags/fields that shape the nftables rules (names after the flags).
 
     * ``hostname_override``: the node name; endpoints whose ``nodeName`` equals it are local.
@@ -253,27 +252,9 @@ class NFTablesConfig:
     prefer_same_traffic_distribution: bool = True
 
     @property
-    def mark(self) -> str:
-        return self.masquerade_mark if self.masquerade_mark else format_masquerade_mark(self.masquerade_bit)
-
-    @property
-    def is_ipv6(self) -> bool:
-        return self.ip_family == "IPv6"
-
-    @property
     def family(self) -> str:
         """The nftables family of the table: ``ip`` or ``ip6``."""
         return "ip6" if self.is_ipv6 else "ip"
-
-    def local_cidr(self) -> str | None:
-        """The ``--cluster-cidr`` entry of this family (``NewDetectLocalByCIDR``)."""
-        if not self.cluster_cidr:
-            return None
-        for part in self.cluster_cidr.split(","):
-            part = part.strip()
-            if part and (":" in part) == self.is_ipv6:
-                return part
-        return None
 
     def service_cidrs_string(self) -> str:
         """``proxier.serviceCIDRs``: this family's CIDRs joined with ``,``."""

@@ -353,3 +353,41 @@ class NodePortAddresses:
                 if ip.version == net.version and ip in net:
                     found[str(ip)] = ip
         return sorted(found.values())
+
+
+def format_masquerade_mark(bit: int) -> str:
+    """``fmt.Sprintf("%#08x", 1<<bit)`` as in ``NewProxier``: ``0x00004000`` for 14
+    (Go pads eight digits after the ``0x``)."""
+    return "0x%08x" % (1 << bit)
+
+
+class ProxierFlags:
+    """What every mode's config derives the same way from kube-proxy's flags (a mixin
+    for the configs' dataclasses, which define ``masquerade_mark``, ``masquerade_bit``,
+    ``ip_family`` and ``cluster_cidr``)."""
+
+    masquerade_mark: str | None
+    masquerade_bit: int
+    ip_family: str
+    cluster_cidr: str | None
+
+    @property
+    def mark(self) -> str:
+        """The masquerade mark: the literal ``masquerade_mark``, else kube-proxy's own
+        Go ``%#08x`` of ``1 << masquerade_bit`` (``0x00004000``)."""
+        return self.masquerade_mark if self.masquerade_mark else format_masquerade_mark(self.masquerade_bit)
+
+    @property
+    def is_ipv6(self) -> bool:
+        return self.ip_family == "IPv6"
+
+    def local_cidr(self) -> str | None:
+        """The ``--cluster-cidr`` entry of this family (``NewDetectLocalByCIDR``); None: the
+        no-op local-traffic detector."""
+        if not self.cluster_cidr:
+            return None
+        for part in self.cluster_cidr.split(","):
+            part = part.strip()
+            if part and (":" in part) == self.is_ipv6:
+                return part
+        return None

@@ -34,6 +34,7 @@ from .types import (
     Endpoint,
     NodePortAddresses,
     ProxierFlags,
+    changed_service_names,
     format_masquerade_mark,
     NamespacedName,
     ServicePort,
@@ -348,13 +349,7 @@ def render_iptables_sync(
       cluster mode until ``syncPeriod`` has passed since the last cleanup.
     """
     full_sync = changed is None
-    changed_nn: set[tuple[str, str]] = set()
-    if changed is not None:
-        for item in changed:
-            if isinstance(item, ServicePortName):
-                changed_nn.add((item.namespace, item.name))
-            else:
-                changed_nn.add((item[0], item[1]))
+    changed_nn = changed_service_names(changed)
 
     is_v6 = config.is_ipv6
     mark = config.mark

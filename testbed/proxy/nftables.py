@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterable, Mapping, Sequence
 
-from .types import Endpoint, NamespacedName, NodePortAddresses, ProxierFlags, ServicePort, ServicePortName, categorize_endpoints
+from .types import Endpoint, NamespacedName, NodePortAddresses, ProxierFlags, ServicePort, changed_service_names, ServicePortName, categorize_endpoints
 
 __all__ = [
     "TABLE",
@@ -527,13 +527,7 @@ def render_nftables_sync(
       keeps endpoint chains already in the kernel (``epChainSkipUpdate``).
     """
     full_sync = changed is None
-    changed_nn: set[tuple[str, str]] = set()
-    if changed is not None:
-        for item in changed:
-            if isinstance(item, ServicePortName):
-                changed_nn.add((item.namespace, item.name))
-            else:
-                changed_nn.add((item[0], item[1]))
+    changed_nn = changed_service_names(changed)
 
     fam = config.family
     is_v6 = config.is_ipv6

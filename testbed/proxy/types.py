@@ -391,3 +391,12 @@ class ProxierFlags:
             if part and (":" in part) == self.is_ipv6:
                 return part
         return None
+
+
+def changed_service_names(changed) -> set[tuple[str, str]]:  # noqa: ANN001
+    """A partial sync's ``UpdatedServices`` as ``(namespace, name)`` pairs, from
+    ServicePortNames, NamespacedNames or plain pairs (empty for a full sync's None)."""
+    out: set[tuple[str, str]] = set()
+    for item in changed or ():
+        out.add((item.namespace, item.name) if isinstance(item, ServicePortName) else (item[0], item[1]))
+    return out

@@ -15,7 +15,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 DEB_PACKAGES=(
-    iproute2 iputils-ping iptables nftables ipset ipvsadm conntrack kmod procps psmisc
+    make iproute2 iputils-ping iptables nftables ipset ipvsadm conntrack kmod procps psmisc
     user-mode-linux uml-utilities dnsmasq-base wrk dnsutils
     python3 python3-venv python3-pip
     vagrant

@@ -271,13 +271,16 @@ def cmd_pod(args: argparse.Namespace) -> int:
 
 
 def _read_manifests(files: list[str]) -> list[tuple[str, dict]]:
+    """Every object of the files, a ``kind: List`` (what ``get -o yaml`` prints) flattened
+    into its items, as kubectl's resource builder does."""
     from testbed import topology
+    from testbed.proxy.servicemap import iter_objects
 
     out = []
     for f in files:
-        for obj in topology.read_yaml_documents(f):
+        for obj in iter_objects(topology.read_yaml_documents(f)):
             if obj.get("kind") != "Topology":
-                out.append((f, obj))
+                out.append((f, dict(obj)))
     return out
 
 
@@ -350,7 +353,9 @@ def cmd_get(args: argparse.Namespace) -> int:
             ports = ",".join(f"{p.get('port')}{':' + str(p['nodePort']) if p.get('nodePort') else ''}/{p.get('protocol', 'TCP')}"
                              for p in spec.get("ports") or []) or "<none>"
             t.add_row(s["metadata"].get("namespace", "default"), s["metadata"]["name"], spec.get("type", "ClusterIP"),
-                      spec.get("clusterIP", "<none>"), ",".join(ext) or "<none>", ports)
+                      spec.get("clusterIP", "<none>"),
+                      # kubectl: a LoadBalancer still waiting for an address shows <pending>
+                      ",".join(ext) or ("<pending>" if spec.get("type") == "LoadBalancer" else "<none>"), ports)
     elif kind == "endpointslices":
         for col in ("NAMESPACE", "NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS"):
             t.add_column(col, no_wrap=True)

@@ -733,8 +733,20 @@ def _git(root: Path) -> dict[str, Any]:
     if not (root / ".git").exists() or not shutil.which("git"):
         return {"commit": None, "dirty": None}
     commit = _cmd(["git", "-C", str(root), "rev-parse", "HEAD"]) or None
-    status = _cmd(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"])
+    # untracked files count: a new module not yet committed changes what ran
+    status = _cmd(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=normal"])
     return {"commit": commit, "dirty": bool(status)}
+
+
+def provisioned_by(env_file: str = "/etc/testbed.env") -> str | None:
+    """``vagrant`` on the project's Vagrant VM: its provisioner writes
+    ``TESTBED_MACHINE=vagrant`` into ``/etc/testbed.env``; None elsewhere."""
+    try:
+        text = Path(env_file).read_text()
+    except OSError:
+        return None
+    m = re.search(r"^TESTBED_MACHINE=(\S+)$", text, re.M)
+    return m.group(1) if m else None
 
 
 def manifest_info() -> dict[str, Any]:
@@ -757,7 +769,8 @@ def manifest_info() -> dict[str, Any]:
             pkgs[p] = metadata.version(p)
     return {
         "kernel": {"release": u.release, "runtime": kernel_runtime(), "uname": " ".join(u), "version": u.version},
-        "machine": {"virtualization": virtualization(), "cpus": os.cpu_count(), "arch": u.machine, "hostname": u.node},
+        "machine": {"virtualization": virtualization(), "provisioned_by": provisioned_by(), "cpus": os.cpu_count(),
+                    "arch": u.machine, "hostname": u.node},
         "distro": _distro(),
         "tools": tools,
         "python": sys.version.split()[0],

@@ -42,7 +42,7 @@ def up(cluster: Cluster, progress: Progress | None = None) -> Cluster:
         sync_proxies(cluster, full=True)
         from testbed import dns
 
-        dns.start(cluster, state.run_dir(cluster.name))  # cluster DNS + the outside world
+        record_dns_sync(cluster, dns.start(cluster, state.run_dir(cluster.name)))  # cluster DNS + the outside world
         state.save_cluster(cluster)
         info.phase = "up"
         state.save_info(info)
@@ -65,10 +65,18 @@ def sync_proxies(cluster: Cluster, full: bool = False) -> list:
     loadbalancer.announce(cluster)
     from testbed import dns
 
-    dns.update(cluster, state.run_dir(cluster.name))  # records follow every change (no-op before start)
+    record_dns_sync(cluster, dns.update(cluster, state.run_dir(cluster.name)))  # records follow every change
     cluster.extra["lastSync"] = [r.__dict__ for r in results]
     state.save_cluster(cluster)
     return results
+
+
+def record_dns_sync(cluster: Cluster, dsync) -> None:  # noqa: ANN001 - dns.DNSSync | None
+    """Keep the last DNS record update in the cluster state: which serial, how it was
+    applied and how long the slowest DNS pod took to serve it (None: DNS not started)."""
+    if dsync is not None:
+        cluster.extra["lastDNSSync"] = {"serial": dsync.serial, "mode": dsync.mode, "records": dsync.records,
+                                        "generation": dsync.generation, "max_delay_s": round(dsync.max_delay, 6)}
 
 
 def start_podserver(cluster: Cluster, info: state.RunInfo) -> int:

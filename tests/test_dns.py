@@ -7,7 +7,6 @@ Pure tests first (no root); then real clusters, queried from inside pods with
 
 from __future__ import annotations
 
-import copy
 import os
 import socket
 import threading
@@ -195,36 +194,33 @@ def test_rendered_dnsmasq_files(model):
 # --------------------------------------------------------------------------- live clusters
 
 
-def _full_topology(path: Path) -> str:
-    """tests/data/dns.yaml with the DNS Deployment and Service written in: what `up`
-    does once the lead has wired dns.add_system_objects (used only until then)."""
-    docs = topology.read_yaml_documents(str(DATA))
-    head = copy.deepcopy(docs[0])
-    head["spec"]["manifests"] = [str((DATA.parent / m).resolve()) for m in head["spec"].get("manifests", [])]
-    dep, svc = tdns.system_objects(topology.load(str(DATA)))
-    path.write_text(yaml.safe_dump_all([head, dep, svc, *docs[1:]], sort_keys=False))
-    return str(path)
-
-
 def _bring_up(name: str, backend: str, tmp: Path):
     run_cli("down", "--name", name)
     run_cli("up", str(DATA), "--name", name, "--iptables-backend", backend, check=True)
     c = state.load_cluster(name)
-    if tdns.dns_service(c) is None:  # `up` does not add the DNS objects yet
-        run_cli("down", "--name", name)
-        run_cli("up", _full_topology(tmp / f"{name}.yaml"), "--name", name, "--iptables-backend", backend, check=True)
-        c = state.load_cluster(name)
-    tdns.sync(c, state.run_dir(name))  # started by `up` once wired; then this is an update
+    assert tdns.dns_service(c) is not None, "`up` adds kube-system/coredns"
+    assert c.extra.get("lastDNSSync", {}).get("mode") == "start", "`up` starts the cluster DNS"
     return c
 
 
-def _refresh(name: str):
-    """The cluster after a CLI change, with DNS caught up (a no-op once lifecycle calls
-    dns.update itself)."""
+def _refresh(name: str, serial_before: int | None = None):
+    """The cluster after a CLI change. The CLI itself must have brought the DNS
+    records up to date (nothing here calls dns.update): its last DNS sync is recorded
+    with a bounded delay, and a further update finds nothing left to change."""
     c = state.load_cluster(name)
-    sync = tdns.update(c, state.run_dir(name))
-    assert sync is not None and sync.max_delay < tdns.RELOAD_TIMEOUT
+    sync = c.extra.get("lastDNSSync")
+    assert sync is not None and sync["max_delay_s"] < tdns.RELOAD_TIMEOUT, sync
+    if serial_before is not None:
+        assert sync["serial"] > serial_before, "the CLI change did not update the cluster DNS"
+    rec = tdns.records(c)
+    served = (tdns.dns_dir(state.run_dir(name)) / "cluster" / "hosts" / "records").read_text().splitlines()
+    assert served[-1] == f"{tdns.serial_address(sync['serial'])} {tdns.SERIAL_NAME}"
+    assert [f"{ip} {n}" for ip, n in rec.hosts] == served[1:1 + len(rec.hosts)], "DNS records are behind the cluster"
     return c, sync
+
+
+def _serial(name: str) -> int:
+    return state.load_cluster(name).extra["lastDNSSync"]["serial"]
 
 
 @pytest.fixture(scope="module")
@@ -404,8 +400,9 @@ def test_scaling_changes_headless_answers(cluster):
     c = cluster
     ns = toolbox(c).netns
     try:
+        serial = _serial(c.name)
         run_cli("scale", "--name", c.name, "statefulset/web", "--replicas", "3", check=True)
-        c2, sync = _refresh(c.name)
+        c2, sync = _refresh(c.name, serial)
         web = {p.name: p.ip for p in c2.pods if p.labels.get("app") == "web"}
         assert len(web) == 3
         assert a_set(ns, f"nginx.default.svc.{Z}") == set(web.values())
@@ -432,8 +429,9 @@ def test_scaling_the_dns_deployment(cluster):
     cip = _svc(c, "default/my-clusterip-service")["spec"]["clusterIP"]
     d = str(tdns.dns_dir(state.run_dir(c.name)) / "cluster" / "dnsmasq.conf")
     try:
+        serial = _serial(c.name)
         run_cli("scale", "--name", c.name, "-n", "kube-system", "deployment/coredns", "--replicas", "3", check=True)
-        c2, _ = _refresh(c.name)
+        c2, _ = _refresh(c.name, serial)
         pods = tdns.dns_pods(c2)
         assert len(pods) == 3
         for p in pods:  # each replica answers (a new pod got its own dnsmasq)
@@ -449,6 +447,36 @@ def test_scaling_the_dns_deployment(cluster):
     finally:
         run_cli("scale", "--name", c.name, "-n", "kube-system", "deployment/coredns", "--replicas", "2", check=True)
         _refresh(c.name)
+
+
+@root
+def test_pod_hostname_and_subdomain(cluster, tmp_path):
+    """A plain Pod with spec.hostname/subdomain and a headless Service of that name:
+    <hostname>.<subdomain>.<ns>.svc A -> the pod's IP (the DNS specification)."""
+    c = cluster
+    ns = toolbox(c).netns
+    f = tmp_path / "sub.yaml"
+    f.write_text(yaml.safe_dump_all([
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sub", "namespace": "default"},
+         "spec": {"clusterIP": "None", "selector": {"app": "sub"}, "ports": [{"name": "http", "port": 8080}]}},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sub-pod", "namespace": "default", "labels": {"app": "sub"}},
+         "spec": {"hostname": "alpha", "subdomain": "sub",
+                  "containers": [{"name": "c", "image": "registry.k8s.io/e2e-test-images/agnhost:2.53",
+                                  "ports": [{"containerPort": 8080}]}]}},
+    ]))
+    serial = _serial(c.name)
+    run_cli("apply", "--name", c.name, "-f", str(f), check=True)
+    try:
+        c2, _ = _refresh(c.name, serial)
+        pod = _pod(c2, "sub-pod")
+        assert a_set(ns, f"alpha.sub.default.svc.{Z}") == {pod.ip}
+        assert a_set(ns, f"sub.default.svc.{Z}") == {pod.ip}
+        assert http_get(ns, pod.ip, 8080, "/hostname") == "alpha"  # the pod's hostname, as agnhost answers
+    finally:
+        serial = _serial(c.name)
+        run_cli("delete", "--name", c.name, "-f", str(f), check=True)
+    _refresh(c.name, serial)
+    assert ask(ns, f"alpha.sub.default.svc.{Z}").rcode() == dns.rcode.NXDOMAIN
 
 
 @root
@@ -507,18 +535,20 @@ def test_readiness_changes_reach_dns_and_updates_never_stop_answering(cluster):
     t.start()
     try:
         web1 = _pod(c, "web-1")
-        web1.ready = False
-        controlplane.reconcile(c)
-        sync = tdns.update(c, state.run_dir(c.name))
-        assert sync.mode == "generation" and sync.max_delay < 1.0  # SRV set changed: no restart
-        assert f"web-1.nginx.default.svc.{Z}" not in {n for _, n in tdns.records(c).hosts}
+        # the pod's server dies (`testbed pod stop`): not Ready, out of the headless answers
+        serial = _serial(c.name)
+        run_cli("pod", "--name", c.name, "stop", "web-1", check=True)
+        c2, sync = _refresh(c.name, serial)
+        assert sync["mode"] == "generation" and sync["max_delay_s"] < 1.0  # SRV set changed: no restart
+        assert f"web-1.nginx.default.svc.{Z}" not in {n for _, n in tdns.records(c2).hosts}
         assert a_set(ns, f"nginx.default.svc.{Z}") == {_pod(c, "web-0").ip}
         assert ask(ns, f"web-1.nginx.default.svc.{Z}").rcode() == dns.rcode.NXDOMAIN
-        web1.ready = True
-        controlplane.reconcile(c)
-        assert tdns.update(c, state.run_dir(c.name)).mode == "generation"
+        serial = _serial(c.name)
+        run_cli("pod", "--name", c.name, "start", "web-1", check=True)
+        _, sync = _refresh(c.name, serial)
+        assert sync["mode"] == "generation"
         assert a_set(ns, f"web-1.nginx.default.svc.{Z}") == {web1.ip}
-        sync = tdns.update(c, state.run_dir(c.name))  # nothing changed: the hosts file only
+        sync = tdns.update(state.load_cluster(c.name), state.run_dir(c.name))  # nothing changed: the hosts file only
         assert sync.mode == "inotify" and sync.max_delay < 0.5
     finally:
         stop.set()

@@ -10,6 +10,7 @@ import pytest
 from conftest import run_cli
 from nethelpers import http_get, udp_ask
 from testbed import state
+from testbed.model import Cluster
 
 pytestmark = pytest.mark.root
 
@@ -174,6 +175,20 @@ def test_get_outputs(live):
     assert "toolbox" in r.stdout
     r = run_cli("get", "--name", NAME, "widgets")
     assert r.returncode == 2 and 'the server doesn\'t have a resource type "widgets"' in r.stderr
+
+
+def test_apply_takes_back_what_get_o_yaml_prints(live, tmp_path):
+    """`get -o yaml` prints a `kind: List`; applying it back goes item by item, as
+    kubectl's resource builder does, and changes nothing."""
+    before = state.cluster_file(NAME).read_text()
+    f = tmp_path / "services.yaml"
+    f.write_text(run_cli("get", "--name", NAME, "services", "-o", "yaml", check=True).stdout)
+    r = run_cli("apply", "--name", NAME, "-f", str(f), check=True)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("service/")]
+    assert len(lines) == len(cluster().services) and all(line.endswith(" unchanged") for line in lines), r.stdout
+    c = cluster()
+    assert [s["spec"].get("clusterIP") for s in c.services] == [
+        s["spec"].get("clusterIP") for s in Cluster.model_validate_json(before).services]
 
 
 def test_udp_conntrack_of_removed_endpoint_is_cleaned(live, tmp_path):

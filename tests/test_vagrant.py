@@ -37,11 +37,12 @@ def test_vagrantfile_provisions_with_the_readme_setup_step():
     assert 'vagrant ssh -c "cd /vagrant && sudo make demo"' in readme
     for provider in ("virtualbox", "libvirt"):
         assert f'config.vm.provider "{provider}"' in vf
-    assert re.search(r'VM_CPUS = Integer\(ENV.fetch\("TESTBED_VM_CPUS", "(\d+)"\)\)', vf).group(1) >= "2"
+    assert int(re.search(r'VM_CPUS = Integer\(ENV.fetch\("TESTBED_VM_CPUS", "(\d+)"\)\)', vf).group(1)) >= 2
     assert int(re.search(r'ENV.fetch\("TESTBED_VM_MEMORY", "(\d+)"\)', vf).group(1)) >= 4096
 
 
 @pytest.mark.root
+@pytest.mark.timeout(1000)  # a fresh venv downloads numpy, pandas, scipy, pyarrow, matplotlib
 def test_setup_step_from_scratch_as_the_vm_runs_it(tmp_path):
     """scripts/setup.sh with a fresh virtual environment outside the checkout, exactly
     as the Vagrant provisioner calls it; twice (idempotent)."""
@@ -61,3 +62,17 @@ def test_setup_step_from_scratch_as_the_vm_runs_it(tmp_path):
         if before:
             os.remove(link)
             os.symlink(before, link)
+
+
+def test_a_vm_run_is_marked_in_the_manifest(tmp_path):
+    """The provisioner marks the VM; manifest.json's machine.provisioned_by reads it."""
+    from testbed.experiment import provisioned_by
+
+    vf = (ROOT / "Vagrantfile").read_text()
+    assert 'echo "TESTBED_MACHINE=vagrant" >> /etc/testbed.env' in vf
+    env = tmp_path / "testbed.env"
+    env.write_text("VENV=/opt/testbed/venv\nTESTBED_MACHINE=vagrant\n")
+    assert provisioned_by(str(env)) == "vagrant"
+    env.write_text("VENV=/opt/testbed/venv\n")
+    assert provisioned_by(str(env)) is None
+    assert provisioned_by(str(tmp_path / "missing")) is None

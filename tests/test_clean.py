@@ -45,15 +45,58 @@ def _leftovers() -> dict[str, list]:
     }
 
 
-@pytest.mark.parametrize("delay", [0.05, 0.3, 0.6, 0.9, 1.3, 2.5])
-def test_kill_9_during_up_then_clean(tmp_path, delay):
+def _dnsmasq_running() -> bool:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = open(f"/proc/{entry}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if b"dnsmasq" in cmd and b"/run/testbed/crashme" in cmd:
+                return True
+    return False
+
+
+def _pod_namespaces() -> int:
+    return sum(1 for n in netns.list_names("tb-") if "-pod-" in n)
+
+
+# The points of `up` at which it is killed, each observed in the kernel and /proc
+# (not guessed from a delay): the run directory written, no pod namespace yet; the
+# fabric half built (switch, nodes, some pods); every pod namespace there; the pod
+# server up (rules being written next); the cluster DNS starting; and, as a control,
+# `up` finished.
+PHASES = {
+    "state-written": lambda: bool(state.names()) and _pod_namespaces() == 0,
+    "fabric-half": lambda: 20 <= _pod_namespaces() < 120,
+    "pods-built": lambda: _pod_namespaces() >= 160,
+    "podserver-up": lambda: bool(clean.find_processes([])) and not _dnsmasq_running(),
+    "dns-starting": _dnsmasq_running,
+}
+
+
+@pytest.mark.parametrize("phase", [*PHASES, "after-up"])
+def test_kill_9_during_up_then_clean(tmp_path, phase):
     run_cli("clean")
     topo = tmp_path / "crash.yaml"
     topo.write_text(TOPOLOGY)
     proc = subprocess.Popen([*TESTBED, "up", str(topo)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        if phase == "after-up":
+            assert proc.wait(timeout=120) == 0
+        else:
+            at_phase = PHASES[phase]
+            deadline = time.monotonic() + 60
+            reached = False
+            while proc.poll() is None and time.monotonic() < deadline:
+                if at_phase():
+                    reached = proc.poll() is None  # seen while `up` still ran
+                    break
+                time.sleep(0.001)
+            assert reached, f"`up` never was at {phase} while running (exit {proc.poll()})"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     r = run_cli("clean", check=True)
     assert "clean:" in r.stdout
     assert _leftovers() == {"namespaces": [], "processes": [], "run_dirs": []}

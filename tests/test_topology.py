@@ -33,6 +33,7 @@ BAD_CASES = {
     "not_topology.yaml": 'kind: Unsupported value: "Service": the first document must be the Topology (kind: Topology)',
     "no_selector_match.yaml": "Pod/gpu-pod.spec.nodeSelector: 0/2 nodes are available: 2 node(s) didn't match "
     "Pod's node affinity/selector.",
+    "duplicate_workload.yaml": 'deployments.apps "web" already exists',
 }
 
 
@@ -122,7 +123,7 @@ spec:
     assert c.clients == []
 
 
-@pytest.mark.parametrize("name", ["unknown_field.yaml", "overlap.yaml", "syntax.yaml"])
+@pytest.mark.parametrize("name", sorted(BAD_CASES))
 def test_cli_bad_topology_one_line_exit_2_nothing_created(name):
     before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     r = run_cli("up", f"{BAD}/{name}")

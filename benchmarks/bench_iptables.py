@@ -293,10 +293,10 @@ def instrumented(rec: dict) -> Iterator[None]:
     orig_render = kubeproxy.render_iptables_sync
     orig_build = servicemap.build_maps
 
-    def run_in(ns, argv, input=None, check=True):  # noqa: ANN001, A002
+    def run_in(ns, argv, input=None, check=True, **kw):  # noqa: ANN001, A002, ANN003
         t = time.perf_counter()
         try:
-            return orig_run_in(ns, argv, input=input, check=check)
+            return orig_run_in(ns, argv, input=input, check=check, **kw)
         finally:
             cat = _category(argv)
             rec[cat] = rec.get(cat, 0.0) + time.perf_counter() - t

@@ -29,8 +29,10 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,10 +58,28 @@ def tool(backend: str, name: str) -> str:
     return f"{base}-{backend}" + (f"-{suffix}" if suffix else "")
 
 
-def run_in(ns: str, argv: list[str], input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a real tool inside namespace ``ns`` (no shell; argv as given)."""
-    with netns.entered(ns):
-        r = subprocess.run(argv, input=input, capture_output=True, text=True)
+def run_in(ns: str, argv: list[str], input: str | None = None, check: bool = True,
+           meanwhile: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+    """Run a real tool inside namespace ``ns`` (no shell; argv as given).
+
+    ``meanwhile``: work of the caller's that does not depend on the tool, done in the
+    calling thread while the tool runs: on two cores the tool's time then hides it.
+    The tool reads its input from an in-memory file at its own pace, so it never
+    waits for this process (or its GIL) to feed a pipe."""
+    if meanwhile is None:
+        with netns.entered(ns):
+            r = subprocess.run(argv, input=input, capture_output=True, text=True)
+    else:
+        with os.fdopen(os.memfd_create("tool-input"), "w+b") as stdin:
+            stdin.write((input or "").encode())
+            stdin.seek(0)
+            with netns.entered(ns):
+                proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                meanwhile()
+            finally:
+                out, err = proc.communicate()  # the tools here print a few lines at most
+        r = subprocess.CompletedProcess(argv, proc.returncode, out, err)
     if check and r.returncode != 0:
         msg = (r.stderr or r.stdout).strip().splitlines()
         raise KernelError(f"{' '.join(argv[:3])} in {ns} failed (exit {r.returncode}): {msg[0] if msg else ''}")
@@ -98,6 +118,18 @@ def _fingerprint(obj) -> str:  # noqa: ANN001
     return hashlib.sha256(repr(obj).encode()).hexdigest()[:16]
 
 
+def _service_prints(services, endpoints) -> dict[str, str]:  # noqa: ANN001
+    """Per-Service fingerprints of its ServicePorts + endpoints: two syncs whose
+    fingerprints differ for a Service are kube-proxy's ``UpdatedServices``, the chains
+    a partial sync rewrites."""
+    groups: dict[str, list] = {}
+    for spn, sp in services.items():
+        groups.setdefault(f"{spn.namespace}/{spn.name}", []).append(("svc", str(spn), sp))
+    for spn, eps in endpoints.items():
+        groups.setdefault(f"{spn.namespace}/{spn.name}", []).append(("eps", str(spn), eps))
+    return {k: _fingerprint(sorted(v, key=lambda x: (x[0], x[1]))) for k, v in groups.items()}
+
+
 class IPTablesProxier:
     """kube-proxy (iptables mode) of one node. State between syncs (what was last
     synced, for partial syncs) lives in ``state_file`` so every CLI call continues
@@ -116,32 +148,30 @@ class IPTablesProxier:
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
-    def sync(self, objects: list[dict], full: bool = False) -> SyncResult:
+    def sync(self, objects: list[dict], full: bool = False, maps: tuple | None = None) -> SyncResult:
+        """One sync of ``objects`` (Services, EndpointSlices); ``maps``: their
+        ``servicemap.build_maps`` when the caller already built them (every node of a
+        cluster reads the same objects)."""
         # A sync allocates hundreds of thousands of small objects and frees them
         # together: the cyclic garbage collector's passes in between cost ~10-30 %.
         was = gc.isenabled()
         gc.disable()
         try:
-            return self._sync(objects, full)
+            return self._sync(objects, full, maps)
         finally:
             if was:
                 gc.enable()
 
-    def _sync(self, objects: list[dict], full: bool) -> SyncResult:
+    def _sync(self, objects: list[dict], full: bool, maps: tuple | None = None) -> SyncResult:
         ns = self.node.netns
         t0 = time.perf_counter()
-        services, endpoints = servicemap.build_maps(objects)
+        services, endpoints = maps if maps is not None else servicemap.build_maps(objects)
         prev = self._load()
-        # per-Service fingerprints of ServicePorts + endpoints decide the partial sync
-        groups: dict[str, list] = {}
-        for spn, sp in services.items():
-            groups.setdefault(f"{spn.namespace}/{spn.name}", []).append(("svc", str(spn), sp))
-        for spn, eps in endpoints.items():
-            groups.setdefault(f"{spn.namespace}/{spn.name}", []).append(("eps", str(spn), eps))
-        prints = {k: _fingerprint(sorted(v, key=lambda x: (x[0], x[1]))) for k, v in groups.items()}
         full = full or not prev or prev.get("backend") != self.backend
+        prints: dict[str, str] = {}
         changed = None
-        if not full:
+        if not full:  # a partial sync needs the fingerprints first: they decide what changed
+            prints = _service_prints(services, endpoints)
             old = prev.get("services", {})
             changed = {tuple(k.split("/", 1)) for k in old.keys() | prints.keys() if old.get(k) != prints.get(k)}
         # One iptables-save: the nat chains (stale-chain cleanup, as kube-proxy's
@@ -153,7 +183,10 @@ class IPTablesProxier:
         t1 = time.perf_counter()
         if full:
             self._full_sync_setup(result, saved)
-        run_in(ns, [tool(self.backend, "iptables-restore"), "-w", "5", "--noflush", "--counters"], input=result.text)
+        # A full sync computes the fingerprints (for the next, partial, sync) while
+        # iptables-restore loads the buffer: they only go into the state file.
+        run_in(ns, [tool(self.backend, "iptables-restore"), "-w", "5", "--noflush", "--counters"], input=result.text,
+               meanwhile=None if prints else (lambda: prints.update(_service_prints(services, endpoints))))
         t2 = time.perf_counter()
         self.state_file.write_text(json.dumps({"backend": self.backend, "services": prints}))
         return SyncResult(
@@ -269,10 +302,14 @@ def sync_all(cluster: Cluster, objects: list[dict], settings: dict, state_dir: P
     # Every node's kube-proxy works independently, as on a real cluster: in parallel.
     from concurrent.futures import ThreadPoolExecutor
 
+    # The objects are the same for every node: their maps are built once (under one
+    # GIL, building them in every node's thread would cost nodes x as much).
+    maps = servicemap.build_maps(objects)
     with ThreadPoolExecutor(max_workers=max(1, len(cluster.nodes)), thread_name_prefix="kube-proxy") as pool:
-        futures = [pool.submit(proxier_for(cluster, node, settings, state_dir).sync, objects, full) for node in cluster.nodes]
+        futures = [pool.submit(proxier_for(cluster, node, settings, state_dir).sync, objects, full, maps)
+                   for node in cluster.nodes]
         results = [f.result() for f in futures]
-    services, endpoints = servicemap.build_maps(objects)
+    services, endpoints = maps
     for node in cluster.nodes:
         conntrack.clean_stale_entries(node.netns, services, endpoints)
     return results

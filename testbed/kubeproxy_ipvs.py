@@ -496,10 +496,12 @@ class IPVSProxier:
 
     # -- the sync --
 
-    def sync(self, objects: list[dict], full: bool = False) -> SyncResult:
+    def sync(self, objects: list[dict], full: bool = False, maps: tuple | None = None) -> SyncResult:
         ns = self.node.netns
         t0 = time.perf_counter()
-        services, endpoints = servicemap.build_maps(objects, self.config.ip_family)
+        if maps is None or self.config.ip_family != "IPv4":  # maps: built by the caller for IPv4
+            maps = servicemap.build_maps(objects, self.config.ip_family)
+        services, endpoints = maps
         prev = self._load()
         full = full or not prev or prev.get("mode") != "ipvs"
 

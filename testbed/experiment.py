@@ -1211,6 +1211,9 @@ def _run_in_guest(loaded: Loaded, dir_: Path, console, reason: str, *, resume: b
     total = len(expand(spec))
     stop = threading.Event()
     t0 = time.monotonic()
+    from testbed import traffic
+
+    outer_load_before = traffic.host_load()  # the real machine's; the guest records its own 1 CPU
 
     def watch(bar: _Bar) -> None:
         shown = len(journal(dir_))
@@ -1247,7 +1250,8 @@ def _run_in_guest(loaded: Loaded, dir_: Path, console, reason: str, *, resume: b
         m = json.loads(manifest_path.read_text())
         m["guest"] = {"kernel_choice": reason, "boot_s": getattr(res, "boot_s", None), "total_s": getattr(res, "total_s", None),
                       "returncode": getattr(res, "returncode", None), "outer_host": manifest_info()["kernel"],
-                      "outer_elapsed_s": time.monotonic() - t0}
+                      "outer_elapsed_s": time.monotonic() - t0,
+                      "outer_host_load": {"before": outer_load_before, "after": traffic.host_load()}}
         if res is not None and res.returncode not in (0, 130):
             status = "failed"
         if status != "complete":

@@ -584,12 +584,19 @@ class IPVSProxier:
         self.last_steps = steps
         self.last_counts = {**ipvs_counts, "set_add": set_counts["add"], "set_del": set_counts["del"],
                             "bind": len(want - bound), "unbind": len(bound - want)}
-        return SyncResult(
+        result = SyncResult(
             node=self.node.name, full=full, render_s=t1 - t0, apply_s=t2 - t1,
             changed_services=len({render.service_of[k] for k in changed_vs}),
             nat_rules=render.nat_rules_count, filter_rules=render.filter_rules_count,
             deleted_chains=ipvs_counts["vs_del"],
         )
+        # ipvs mode's own object counts after the sync (its nat/filter rules stay a
+        # handful whatever the number of Services): they go into sync.csv as columns
+        result.ipvs_virtual_servers = len(render.virtual_servers)
+        result.ipvs_real_servers = sum(len(v) for v in render.real_servers.values())
+        result.ipset_entries = sum(len(s.entries) for s in render.ipsets)
+        result.bound_addresses = len(render.bind_addresses)
+        return result
 
     def _run(self, argv: list[str], text: str, what: str) -> None:
         r = run_in(self.node.netns, argv, input=text, check=False)

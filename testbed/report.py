@@ -54,6 +54,7 @@ PLOTS = {
     "sync_vs_services": "kube-proxy sync time and rules vs Services",
     "latency_cdf": "Connect latency CDFs (fewest and most Services)",
 }
+IPVS_OBJECT_COLUMNS = ("ipvs_virtual_servers", "ipvs_real_servers", "ipset_entries", "bound_addresses")
 GROWTH = 0.10  # a change below 10 % (or 2 µs) is "flat"
 
 
@@ -562,7 +563,8 @@ def render_md(dir_: Path, summary: pd.DataFrame, sync: pd.DataFrame, samples: pd
         f"- **Kernel**: {k.get('runtime', '?')} ({k.get('release', '?')}); every number below comes from this one kernel"
         + (" — the User-Mode Linux guest: 1 CPU, 10–18× slower than the host, so compare modes with each other, not with host runs"
            if k.get("runtime") == "uml" else "") + ".",
-        f"- **Why this kernel**: {manifest.get('kernel_choice') or 'asked'}",
+        # a guest run's own manifest only knows it ran inside; the host side recorded why
+        f"- **Why this kernel**: {(manifest.get('guest') or {}).get('kernel_choice') or manifest.get('kernel_choice') or 'asked'}",
         f"- **Machine**: {manifest.get('distro', '?')}, {(manifest.get('machine') or {}).get('cpus', '?')} CPUs, "
         f"virtualization `{(manifest.get('machine') or {}).get('virtualization', '?')}`",
         f"- **Experiment**: `{Path(exp.get('file', '?')).name}` (sha256 `{str(exp.get('sha256', ''))[:12]}`), profile "
@@ -606,14 +608,19 @@ def render_md(dir_: Path, summary: pd.DataFrame, sync: pd.DataFrame, samples: pd
         lines.append(_md_table(agg, list(agg.columns), {"jain": "{:.4f}", "connect_p50_us": "{:.1f}", "requests": "{:,.0f}"}))
     if not sync.empty:
         lines += ["", "## Control plane", "", "kube-proxy syncs per variant and background size (slowest node, medians over "
-                  "repetitions; `nat_rules`: rules in the nat table on one node).", ""]
+                  "repetitions; `nat_rules`: rules in the nat table on one node; in ipvs mode also its virtual and real "
+                  "servers, ipset entries and addresses bound to kube-ipvs0). A sync time *grows* in the conclusions when "
+                  "it at least doubles (and by 5 ms or more) from the fewest to the most Services; otherwise it is *flat*.", ""]
+        objects = [c for c in IPVS_OBJECT_COLUMNS if c in sync.columns and sync[c].notna().any()]
         agg = sync.groupby(["variant", "op", "services"], sort=False).agg(
             sync_max_s=("sync_max_s", "median"), render_s=("render_s", "median"), apply_s=("apply_s", "median"),
-            nat_rules=("nat_rules", "median"), changed_services=("changed_services", "median")).reset_index()
+            nat_rules=("nat_rules", "median"), changed_services=("changed_services", "median"),
+            **{c: (c, "median") for c in objects}).reset_index()
         lines.append(_md_table(agg, list(agg.columns), {c: "{:.4f}" for c in ("sync_max_s", "render_s", "apply_s")}
-                               | {"nat_rules": "{:,.0f}", "changed_services": "{:,.0f}"}))
+                               | {c: "{:,.0f}" for c in ("nat_rules", "changed_services", *objects)}))
     lines += ["", "## Files", "",
-              "- `samples.parquet`, `samples.csv.gz`: one row per request; `syncs.parquet`: one row per node per sync",
+              "- `samples.parquet`" + (", `samples.csv.gz`" if (Path(dir_) / "samples.csv.gz").exists() else "")
+              + ": one row per request; `syncs.parquet`: one row per node per sync",
               "- `summary.csv`: one row per trial × target × entry; `sync.csv`: one row per trial × sync operation",
               "- `manifest.json`: experiment (sha256), git commit, kernel, machine, tool and package versions, host load",
               "- rebuild everything from the raw rows: `testbed report " + str(dir_) + "`", ""]

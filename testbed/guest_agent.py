@@ -187,8 +187,8 @@ def setup_modules(modules: list[str]) -> list[str]:
     with contextlib.suppress(FileExistsError):
         os.symlink(os.path.join(UML_MODULES, release), os.path.join(tree, release))
     wrapper = os.path.join(MODROOT, "modprobe")
-    with open(wrapper, "w") as f:
-        f.write(f'#!/bin/sh\nexec {MODPROBE} -d {MODROOT} "$@"\n')
+    with open(wrapper, "w") as f:  # each on-demand load is logged: boot-time modules are a measured choice
+        f.write(f'#!/bin/sh\necho "$@" >> {MODROOT}/requests.log\nexec {MODPROBE} -d {MODROOT} "$@"\n')
     os.chmod(wrapper, 0o755)
     with open("/proc/sys/kernel/modprobe", "w") as f:
         f.write(wrapper)

@@ -244,6 +244,16 @@ def dig(c, target: str, *args: str) -> list[str]:
 RETRIES: list[tuple[str, str]] = []  # (server, name) of UDP queries that needed a second try
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _report_retries():
+    """A retried query is not a failure, but it is said (pytest's warnings summary)."""
+    yield
+    if RETRIES:
+        import warnings
+
+        warnings.warn(f"{len(RETRIES)} DNS queries needed a second UDP try: {RETRIES[:5]}", stacklevel=1)
+
+
 def ask(ns: str, name: str, rdtype: str = "A", server: str = "10.233.0.3", tcp: bool = False) -> dns.message.Message:
     """One query sent from inside namespace ``ns`` (to the DNS Service by default).
     Over UDP a lost datagram is retried once from a new socket, as a stub resolver

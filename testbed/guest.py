@@ -81,10 +81,13 @@ TMP_PREFIX = "tb-guest-"
 # Kernel modules loaded at boot: what kube-proxy's three modes, the fabric and the
 # traffic use — every IPVS scheduler kube-proxy accepts (a scheduler sweep must not
 # load one inside a measured sync), the ipset types of kube-proxy's sets, the iptables
-# matches and targets of its rules, netem/htb/tbf. Anything else the kernel asks for
-# (another link type, qdisc, classifier or match) is loaded on demand:
-# kernel.modprobe points at modprobe with the UML module tree. Each module costs
-# ~18 ms of boot here, so nothing the project does not use is loaded up front.
+# matches and targets of its rules, netem/htb/tbf. Nothing else is loaded: each
+# module costs 20-60 ms of boot here (this list: boot to ready 3.7 s; with another 27
+# link types, qdiscs, classifiers and matches: 5.3 s). kernel.modprobe points at a
+# wrapper with the UML module tree that logs every request the kernel makes
+# (/run/tbguest-modules/requests.log in the guest), but a load the kernel asks for
+# that way fails in this guest (measured: `ip link add X type ifb`, `iptables -m
+# limit`): a module the project starts to use must be added here.
 # ``bpfilter`` first: without it this 6.1 kernel asks for it (request_module, i.e.
 # a modprobe process) on every iptables get/setsockopt — ~20 ms each in the guest,
 # 2-3 per iptables call — and a node kernel built like this one (BPFILTER_UMH=m, as

@@ -377,12 +377,7 @@ class LeanProxier(IPTablesProxier):
         t0 = time.perf_counter()
         services, endpoints = servicemap.build_maps(objects)
         prev = self._load()
-        groups: dict[str, list] = {}
-        for spn, sp in services.items():
-            groups.setdefault(f"{spn.namespace}/{spn.name}", []).append(("svc", str(spn), sp))
-        for spn, eps in endpoints.items():
-            groups.setdefault(f"{spn.namespace}/{spn.name}", []).append(("eps", str(spn), eps))
-        prints = {k: kubeproxy._fingerprint(sorted(v, key=lambda x: (x[0], x[1]))) for k, v in groups.items()}
+        prints = kubeproxy.service_fingerprints(services, endpoints)
         full = full or not prev or prev.get("backend") != self.backend
         changed = None
         if not full:

@@ -114,20 +114,28 @@ class SyncResult:
     deleted_chains: int
 
 
-def _fingerprint(obj) -> str:  # noqa: ANN001
-    return hashlib.sha256(repr(obj).encode()).hexdigest()[:16]
+def _fields(obj) -> tuple:  # noqa: ANN001
+    """A frozen slots dataclass as a tuple of its fields, sets sorted (``repr`` of a
+    frozenset depends on the process's string-hash seed)."""
+    return tuple(
+        tuple(sorted(v)) if isinstance(v, frozenset) else v for v in (getattr(obj, f) for f in obj.__slots__)
+    )
 
 
-def _service_prints(services, endpoints) -> dict[str, str]:  # noqa: ANN001
-    """Per-Service fingerprints of its ServicePorts + endpoints: two syncs whose
-    fingerprints differ for a Service are kube-proxy's ``UpdatedServices``, the chains
-    a partial sync rewrites."""
+def service_fingerprints(services, endpoints) -> dict[str, str]:  # noqa: ANN001
+    """``namespace/name`` -> a digest of the Service's ServicePorts and endpoints. Two syncs
+    whose digests differ for a Service are what kube-proxy's change trackers report as
+    ``UpdatedServices`` (its ServicePorts or its endpoints changed; added or deleted):
+    the Services a partial sync rewrites, in every mode. The digest is the same in every
+    process, so it can be kept in the state file."""
     groups: dict[str, list] = {}
     for spn, sp in services.items():
-        groups.setdefault(f"{spn.namespace}/{spn.name}", []).append(("svc", str(spn), sp))
+        groups.setdefault(f"{spn.namespace}/{spn.name}", []).append((0, spn.port_name, spn.protocol, _fields(sp)))
     for spn, eps in endpoints.items():
-        groups.setdefault(f"{spn.namespace}/{spn.name}", []).append(("eps", str(spn), eps))
-    return {k: _fingerprint(sorted(v, key=lambda x: (x[0], x[1]))) for k, v in groups.items()}
+        groups.setdefault(f"{spn.namespace}/{spn.name}", []).append(
+            (1, spn.port_name, spn.protocol, tuple(_fields(e) for e in eps))
+        )
+    return {k: hashlib.blake2b(repr(sorted(v)).encode(), digest_size=8).hexdigest() for k, v in groups.items()}
 
 
 class IPTablesProxier:
@@ -171,7 +179,7 @@ class IPTablesProxier:
         prints: dict[str, str] = {}
         changed = None
         if not full:  # a partial sync needs the fingerprints first: they decide what changed
-            prints = _service_prints(services, endpoints)
+            prints = service_fingerprints(services, endpoints)
             old = prev.get("services", {})
             changed = {tuple(k.split("/", 1)) for k in old.keys() | prints.keys() if old.get(k) != prints.get(k)}
         # One iptables-save: the nat chains (stale-chain cleanup, as kube-proxy's
@@ -186,7 +194,7 @@ class IPTablesProxier:
         # A full sync computes the fingerprints (for the next, partial, sync) while
         # iptables-restore loads the buffer: they only go into the state file.
         run_in(ns, [tool(self.backend, "iptables-restore"), "-w", "5", "--noflush", "--counters"], input=result.text,
-               meanwhile=None if prints else (lambda: prints.update(_service_prints(services, endpoints))))
+               meanwhile=(lambda: prints.update(service_fingerprints(services, endpoints))) if full else None)
         t2 = time.perf_counter()
         self.state_file.write_text(json.dumps({"backend": self.backend, "services": prints}))
         return SyncResult(

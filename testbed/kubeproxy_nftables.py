@@ -40,7 +40,6 @@ and no metrics exported; stale UDP conntrack entries are cleaned by
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -48,7 +47,7 @@ import time
 from pathlib import Path
 
 from testbed.errors import KernelError
-from testbed.kubeproxy import SyncResult, run_in
+from testbed.kubeproxy import SyncResult, run_in, service_fingerprints
 from testbed.model import Cluster, Node
 from testbed.proxy import servicemap
 from testbed.proxy.nft_normalize import dump_from_nft_list
@@ -84,29 +83,6 @@ def node_config(cluster: Cluster, node: Node, **overrides) -> NFTablesConfig:
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
-
-
-def _fields(obj) -> tuple:  # noqa: ANN001
-    """A frozen slots dataclass as a tuple of its fields, sets sorted (``repr`` of a
-    frozenset depends on the process's string-hash seed)."""
-    return tuple(
-        tuple(sorted(v)) if isinstance(v, frozenset) else v for v in (getattr(obj, f) for f in obj.__slots__)
-    )
-
-
-def service_fingerprints(services, endpoints) -> dict[str, str]:  # noqa: ANN001
-    """``namespace/name`` -> a digest of the Service's ServicePorts and endpoints. Two syncs
-    whose digests differ for a Service are what kube-proxy's change trackers report as
-    ``UpdatedServices`` (its ServicePorts or its endpoints changed; added or deleted);
-    the digest is the same in every process, so it can be kept in the state file."""
-    groups: dict[str, list] = {}
-    for spn, sp in services.items():
-        groups.setdefault(f"{spn.namespace}/{spn.name}", []).append((0, spn.port_name, spn.protocol, _fields(sp)))
-    for spn, eps in endpoints.items():
-        groups.setdefault(f"{spn.namespace}/{spn.name}", []).append(
-            (1, spn.port_name, spn.protocol, tuple(_fields(e) for e in eps))
-        )
-    return {k: hashlib.blake2b(repr(sorted(v)).encode(), digest_size=8).hexdigest() for k, v in groups.items()}
 
 
 def _nft(ns: str, argv: list[str], input: str | None = None, check: bool = True):  # noqa: ANN202, A002

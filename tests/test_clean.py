@@ -46,15 +46,12 @@ def _leftovers() -> dict[str, list]:
 
 
 def _dnsmasq_running() -> bool:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = open(f"/proc/{entry}/cmdline", "rb").read()
-            except OSError:
-                continue
-            if b"dnsmasq" in cmd and b"/run/testbed/crashme" in cmd:
-                return True
-    return False
+    from testbed.dns import _cmdline
+
+    return any(
+        any("dnsmasq" in a for a in cmd) and any("/run/testbed/crashme" in a for a in cmd)
+        for cmd in (_cmdline(int(e)) for e in os.listdir("/proc") if e.isdigit())
+    )
 
 
 def _pod_namespaces() -> int:

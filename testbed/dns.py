@@ -881,18 +881,11 @@ def _build_outside_world(cluster: Cluster) -> None:
             with fabric.rtnl(h.netns) as ipr:
                 # a MAC derived from the address: the nodes' neighbour caches stay valid
                 # if the host is re-created (stop, start)
-                ipr.link("set", index=fabric.ETH0_INDEX, address=_mac_for(h.ip))
+                ipr.link("set", index=fabric.ETH0_INDEX, address=fabric.mac_for(h.ip))
             fabric._setup_endpoint(h.netns, h.ip, plen, gateway)
             with fabric.rtnl(h.netns) as ipr:
                 for node in cluster.nodes:
                     ipr.route("add", dst=node.pod_cidr, gateway=node.ip)
-
-
-def _mac_for(ip: str) -> str:
-    """A locally administered unicast MAC (02:74:62 = "tb") ending in the IPv4 address's
-    last three bytes."""
-    b = ipaddress.IPv4Address(ip).packed
-    return "02:74:62:%02x:%02x:%02x" % (b[1], b[2], b[3])
 
 
 def _external_cluster(cluster: Cluster) -> Cluster:

@@ -57,6 +57,13 @@ def rtnl(ns: str) -> Iterator[IPRoute]:
         ipr.close()
 
 
+def mac_for(ip: str) -> str:
+    """A locally administered unicast MAC (02:74:62 = "tb") ending in the IPv4 address's
+    last three bytes: the same address for the same IP in every run."""
+    b = ipaddress.IPv4Address(ip).packed
+    return "02:74:62:%02x:%02x:%02x" % (b[1], b[2], b[3])
+
+
 def _nsfd(ns: str) -> int:
     return os.open(netns.path(ns), os.O_RDONLY)
 
@@ -120,7 +127,11 @@ def _build(cluster: Cluster, progress: Progress) -> None:
     netns.create(cluster.switch_netns)
     with rtnl(cluster.switch_netns) as sw:
         sw.link("set", index=LO_INDEX, state="up")
-        sw.link("add", ifname="br0", kind="bridge", state="up")
+        # A bridge whose address is not set takes the lowest address of its ports, so a
+        # port joining later (a new pod) can change it under its neighbours' ARP caches:
+        # the gateway's MAC moves and traffic to it is lost until they re-resolve (5-8 s).
+        # Set explicitly, the kernel keeps it (addr_assign_type NET_ADDR_SET).
+        sw.link("add", ifname="br0", kind="bridge", state="up", address=mac_for(gateway_ip(cluster)))
         br0 = sw.link_lookup(ifname="br0")[0]
         gateway = gateway_ip(cluster)
         sw.addr("add", index=br0, address=gateway, prefixlen=node_plen)
@@ -135,7 +146,7 @@ def _build(cluster: Cluster, progress: Progress) -> None:
                 ipr.link("set", index=ETH0_INDEX, state="up")
                 ipr.addr("add", index=ETH0_INDEX, address=node.ip, prefixlen=node_plen)
                 ipr.route("add", dst="default", gateway=gateway)
-                ipr.link("add", ifname="cni0", kind="bridge", state="up")
+                ipr.link("add", ifname="cni0", kind="bridge", state="up", address=mac_for(node.pod_gateway))
                 cni0 = ipr.link_lookup(ifname="cni0")[0]
                 ipr.addr("add", index=cni0, address=node.pod_gateway, prefixlen=pod_plen)
                 for other in cluster.nodes:

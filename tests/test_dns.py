@@ -241,33 +241,8 @@ def dig(c, target: str, *args: str) -> list[str]:
     return exec_(c, target, "dig", "+short", "+tries=2", "+time=2", *args).stdout.split()
 
 
-RETRIES: list[tuple[str, str]] = []  # (server, name) of UDP queries that needed a second try
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_retries():
-    """A retried query is not a failure, but it is said (pytest's warnings summary)."""
-    yield
-    if RETRIES:
-        import warnings
-
-        warnings.warn(f"{len(RETRIES)} DNS queries needed a second UDP try: {RETRIES[:5]}", stacklevel=1)
-
-
 def ask(ns: str, name: str, rdtype: str = "A", server: str = "10.233.0.3", tcp: bool = False) -> dns.message.Message:
-    """One query sent from inside namespace ``ns`` (to the DNS Service by default).
-    Over UDP a lost datagram is retried once from a new socket, as a stub resolver
-    does (resolv.conf's attempts:2); a server that does not answer twice fails."""
-    if tcp:
-        return _ask_once(ns, name, rdtype, server, tcp)
-    try:
-        return _ask_once(ns, name, rdtype, server, tcp)
-    except dns.exception.Timeout:
-        RETRIES.append((server, name))
-        return _ask_once(ns, name, rdtype, server, tcp)
-
-
-def _ask_once(ns: str, name: str, rdtype: str, server: str, tcp: bool) -> dns.message.Message:
+    """One query sent from inside namespace ``ns`` (to the DNS Service by default)."""
     q = dns.message.make_query(name, rdtype)
     with netns.entered(ns):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)

@@ -45,8 +45,25 @@ def myapp(c):
     return {p.name for p in c.pods if p.labels.get("app") == "myapp"}
 
 
+def _gateway_macs(c) -> dict[str, str]:
+    from testbed.fabric import rtnl
+
+    out = {}
+    for n in c.nodes:
+        with rtnl(n.netns) as ipr:
+            out[n.name] = ipr.get_links(ifname="cni0")[0].get_attr("IFLA_ADDRESS")
+    return out
+
+
 def test_scale_up_and_down_changes_endpoints_rules_and_traffic(live):
+    from testbed.fabric import mac_for
+
+    c = cluster()
+    # the pod gateway keeps its address when pods join (else their neighbours' ARP
+    # caches point at a MAC the bridge no longer has, and traffic is lost for seconds)
+    assert _gateway_macs(c) == {n.name: mac_for(n.pod_gateway) for n in c.nodes}
     r = run_cli("scale", "--name", NAME, "deployment/myapp", "--replicas", "4", check=True)
+    assert _gateway_macs(cluster()) == {n.name: mac_for(n.pod_gateway) for n in c.nodes}
     assert "scaled (+2 -0 pods)" in r.stdout
     c = cluster()
     assert len(myapp(c)) == 4

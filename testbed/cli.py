@@ -622,6 +622,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         err_console.print(f"error: {e}", markup=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
+        # A netlink socket the interrupt cut off mid-call leaves pyroute2's asyncio
+        # generator unfinished; Python would report it at exit as a traceback. The run
+        # is already torn down: say that, and nothing else.
+        sys.unraisablehook = lambda _unraisable: None
         err_console.print("interrupted: everything this command built was removed")
         return 130
 

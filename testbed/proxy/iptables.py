@@ -410,7 +410,7 @@ def render_iptables_sync(
     for spn in sorted(services):
         svc = services[spn]
         proto = svc.protocol.lower()
-        name = str(spn)
+        name = f"{spn.namespace}/{spn.name}:{spn.port_name}" if spn.port_name else f"{spn.namespace}/{spn.name}"  # str(spn)
         h = port_proto_hash(name, proto)
         svc_chain = SVC_PREFIX + h
         svl_chain = SVL_PREFIX + h
@@ -581,10 +581,12 @@ def render_iptables_sync(
 
         # KUBE-SEP-* names of every endpoint a SVC/SVL chain may jump to (kube-proxy
         # keeps one per endpointInfo; all of them are in `reachable`).
+        # (``reachable`` is the union of the cluster and local endpoints.)
         sep_names: dict[str, str] = {}
-        for ep in (*reachable, *cluster_eps, *local_eps):
-            if ep.endpoint not in sep_names:
-                sep_names[ep.endpoint] = service_port_endpoint_chain_name(name, proto, ep.endpoint)
+        for ep in reachable:
+            k = ep.endpoint
+            if k not in sep_names:
+                sep_names[k] = service_port_endpoint_chain_name(name, proto, k)
 
         if uses_cluster_chain:
             chains_out.append(f":{svc_chain} - [0:0]")

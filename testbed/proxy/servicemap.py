@@ -236,22 +236,17 @@ def service_to_service_map(service: Mapping[str, Any], ip_family: str = "IPv4") 
         hcnp = int(spec.get("healthCheckNodePort") or 0)
 
     result: ServicePortMap = {}
-    for port in spec.get("ports") or []:
+    external_ips_t, lb_vips_t, source_ranges_t = tuple(external_ips), tuple(lb_vips), tuple(source_ranges)
+    for port in spec.get("ports") or ():
         protocol = port.get("protocol") or "TCP"
         spn = ServicePortName(namespace, name, port.get("name") or "", protocol)
+        # positional, in ServicePort's field order: cluster_ip, port, protocol, node_port,
+        # session_affinity_timeout, external_ips, load_balancer_vips,
+        # load_balancer_source_ranges, health_check_node_port, external_policy_local,
+        # internal_policy_local, target_port
         result[spn] = ServicePort(
-            cluster_ip=cluster_ip,
-            port=int(port.get("port") or 0),
-            protocol=protocol,
-            node_port=int(port.get("nodePort") or 0),
-            session_affinity_timeout=affinity_timeout,
-            external_ips=tuple(external_ips),
-            load_balancer_vips=tuple(lb_vips),
-            load_balancer_source_ranges=tuple(source_ranges),
-            health_check_node_port=hcnp,
-            external_policy_local=ext_local,
-            internal_policy_local=int_local,
-            target_port=port.get("targetPort"),
+            cluster_ip, int(port.get("port") or 0), protocol, int(port.get("nodePort") or 0), affinity_timeout,
+            external_ips_t, lb_vips_t, source_ranges_t, hcnp, ext_local, int_local, port.get("targetPort"),
         )
     return result
 
@@ -288,11 +283,15 @@ def build_endpoints_map(
     ``prefer_same_traffic_distribution`` is the ``PreferSameTrafficDistribution``
     feature gate: without it ``hints.forNodes`` is dropped, as kube-proxy does.
     """
+    return _endpoints_map(
+        [o for o in iter_objects(objects) if o.get("kind") == "EndpointSlice"], ip_family, prefer_same_traffic_distribution
+    )
+
+
+def _endpoints_map(objects: list[Mapping[str, Any]], ip_family: str, prefer_same_traffic_distribution: bool) -> EndpointsMap:
     address_type = ip_family  # discovery.AddressTypeIPv4 == "IPv4"
     slices: dict[tuple[str, str], Mapping[str, Any]] = {}
-    for obj in iter_objects(objects):
-        if obj.get("kind") != "EndpointSlice":
-            continue
+    for obj in objects:
         meta = obj.get("metadata") or {}
         svc_name = (meta.get("labels") or {}).get(LABEL_SERVICE_NAME)
         if not svc_name or not meta.get("namespace") or not meta.get("name"):
@@ -301,44 +300,68 @@ def build_endpoints_map(
             continue
         slices[(meta["namespace"], meta["name"])] = obj
 
+    parse = parse_ip_sloppy
+    # Endpoints are immutable values: equal ones (the same pod behind many Services, or
+    # many ports of one slice) share one object, built once per call.
+    interned: dict[tuple, Endpoint] = {}
     by_port: dict[ServicePortName, dict[str, Endpoint]] = {}
     for key in sorted(slices):
         obj = slices[key]
+        ports = obj.get("ports")
+        if not ports:
+            continue
         namespace = key[0]
         svc_name = obj["metadata"]["labels"][LABEL_SERVICE_NAME]
-        for port in obj.get("ports") or []:
-            if "name" not in port or port.get("name") is None:
+        # The port-independent part of each endpoint, once per slice.
+        base = []
+        for ep in obj.get("endpoints") or ():
+            addresses = ep.get("addresses")
+            if not addresses:
+                continue
+            ip = parse(addresses[0])
+            if ip is None:
+                continue
+            cond = ep.get("conditions")
+            if cond:
+                ready = cond.get("ready")
+                serving = cond.get("serving")
+                terminating = cond.get("terminating")
+                # nil ready/serving count as true, nil terminating as false
+                ready = ready is None or bool(ready)
+                serving = serving is None or bool(serving)
+                terminating = terminating is not None and bool(terminating)
+            else:
+                ready, serving, terminating = True, True, False
+            hints = ep.get("hints")
+            if hints:
+                zone_hints = _hint_names(hints, "forZones")
+                node_hints = _hint_names(hints, "forNodes") if prefer_same_traffic_distribution else None
+            else:
+                zone_hints = node_hints = None
+            base.append((ip, ready, serving, terminating, ep.get("nodeName"), ep.get("zone"), zone_hints, node_hints))
+        for port in ports:
+            port_name = port.get("name")
+            if port_name is None:
                 continue  # "Ignoring port with nil name"
             number = port.get("port")
             if not number:
                 continue  # "Ignoring invalid endpoint port"
-            spn = ServicePortName(namespace, svc_name, port["name"], port.get("protocol") or "TCP")
-            ep_set = by_port.setdefault(spn, {})
-            for ep in obj.get("endpoints") or []:
-                addresses = ep.get("addresses") or []
-                if not addresses:
-                    continue
-                ip = parse_ip_sloppy(addresses[0])
-                if ip is None:
-                    continue
-                cond = ep.get("conditions") or {}
-                ready = cond.get("ready")
-                serving = cond.get("serving")
-                terminating = cond.get("terminating")
-                hints = ep.get("hints")
-                endpoint = Endpoint(
-                    ip=ip,
-                    port=int(number),
-                    ready=ready is None or bool(ready),
-                    serving=serving is None or bool(serving),
-                    terminating=terminating is not None and bool(terminating),
-                    node_name=ep.get("nodeName"),
-                    zone=ep.get("zone"),
-                    zone_hints=_hint_names(hints, "forZones"),
-                    node_hints=_hint_names(hints, "forNodes") if prefer_same_traffic_distribution else None,
-                )
-                if endpoint.endpoint not in ep_set or not endpoint.terminating:
-                    ep_set[endpoint.endpoint] = endpoint
+            number = int(number)
+            spn = ServicePortName(namespace, svc_name, port_name, port.get("protocol") or "TCP")
+            ep_set = by_port.get(spn)
+            if ep_set is None:
+                ep_set = by_port[spn] = {}
+            for ip, ready, serving, terminating, node_name, zone, zone_hints, node_hints in base:
+                ikey = (ip, number, ready, serving, terminating, node_name, zone, zone_hints, node_hints)
+                try:
+                    endpoint = interned.get(ikey)
+                    if endpoint is None:
+                        endpoint = interned[ikey] = Endpoint(*ikey)
+                except TypeError:  # an unhashable nodeName/zone in a hand-written file
+                    endpoint = Endpoint(*ikey)
+                k = endpoint.endpoint
+                if not terminating or k not in ep_set:  # the same ip:port: a non-terminating copy wins
+                    ep_set[k] = endpoint
 
     return {spn: [eps[k] for k in sorted(eps)] for spn, eps in by_port.items() if eps}
 
@@ -347,8 +370,15 @@ def build_maps(
     objects: Iterable[Mapping[str, Any] | None], ip_family: str = "IPv4"
 ) -> tuple[ServicePortMap, EndpointsMap]:
     """``(service map, endpoints map)`` from one list of manifests of any kinds."""
-    objs = list(iter_objects(objects))
-    return build_service_map(objs, ip_family), build_endpoints_map(objs, ip_family)
+    services: ServicePortMap = {}
+    slices: list[Mapping[str, Any]] = []
+    for obj in iter_objects(objects):
+        kind = obj.get("kind")
+        if kind == "Service":
+            services.update(service_to_service_map(obj, ip_family))
+        elif kind == "EndpointSlice":
+            slices.append(obj)
+    return services, _endpoints_map(slices, ip_family, True)
 
 
 # --- changes between two syncs -------------------------------------------------------

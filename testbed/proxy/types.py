@@ -79,10 +79,12 @@ def join_host_port(ip: str, port: int) -> str:
     return f"{ip}:{port}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ServicePort:
     """``proxy.BaseServicePortInfo`` (``serviceport.go``): what a proxier knows of one
-    Service port, already filtered to one IP family.
+    Service port, already filtered to one IP family. A value: never changed once built
+    (not ``frozen``, because a frozen dataclass's ``__init__`` costs ~5x as much and a
+    sync builds one per Service port; hashed and compared by value all the same).
 
     Built from a ``v1.Service`` by :func:`testbed.proxy.servicemap.service_to_service_map`
     (``newBaseServiceInfo``). Addresses are canonical strings (Go ``net.IP.String()``),

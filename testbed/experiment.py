@@ -23,6 +23,7 @@ the field and the rule; nothing is created before it passes)::
       protocol: http                      # http | tcp | udp
       requests: 2000                      # and/or duration (s)
       concurrency: 1                      # worker slots per source
+      source_order: parallel              # parallel | sequential: the sources one after another
       rate: null                          # open loop: requests/s
       warmup: 100
       targets:
@@ -193,10 +194,14 @@ class TrafficSpec(_Spec):
     rate: float | None = Field(None, gt=0, le=10_000_000)
     warmup: int | None = Field(None, ge=0, le=1_000_000)
     timeout: float | None = Field(None, gt=0, le=300)
+    # How a target's sources send: all at once, or one after another (requests, warmup
+    # and duration split evenly). On a small machine parallel sources queue behind each
+    # other for the CPU, and their connect times then measure that queue.
+    source_order: Literal["parallel", "sequential"] | None = None
 
 
 TRAFFIC_DEFAULTS = {"connection": "new", "protocol": "http", "requests": None, "duration": None, "concurrency": 1,
-                    "rate": None, "warmup": 0, "timeout": 2.0}
+                    "rate": None, "warmup": 0, "timeout": 2.0, "source_order": "parallel"}
 
 
 class TargetSpec(TrafficSpec):
@@ -934,6 +939,14 @@ def _ready_endpoints(cluster, ns: str, name: str) -> list[tuple[str, str]]:  # n
     return sorted(out)
 
 
+def _share(total: int | None, parts: int, i: int) -> int | None:
+    """Part ``i`` of ``total`` requests split evenly over ``parts`` (the first ones get
+    the remainder)."""
+    if total is None:
+        return None
+    return total // parts + (1 if i < total % parts else 0)
+
+
 def _sync_rows(results: list, op: str, t0: float) -> list[dict[str, Any]]:
     rows = []
     wall = time.perf_counter() - t0
@@ -1003,14 +1016,32 @@ def run_trial(trial: Trial, spec: Experiment, cluster, backend: str | None, runt
     for k, pr in enumerate(probes(spec, cluster)):
         pos, total = synthetic.dispatch_position(cluster, *pr.service.split("/", 1))
         s = pr.settings
+        sources = [traffic.Source(name, ns) for name, ns, _ip, _node in pr.sources]
+        target = traffic.Target(pr.ip, pr.port, protocol=s["protocol"], path=f"/{pr.ask}", host_name=pr.host_name)
+        seed = spec.seed * 1000 + trial.rep * 100 + k
         try:
-            df = traffic.run(
-                [traffic.Source(name, ns) for name, ns, _ip, _node in pr.sources],
-                traffic.Target(pr.ip, pr.port, protocol=s["protocol"], path=f"/{pr.ask}", host_name=pr.host_name),
-                connection=s["connection"], requests=s["requests"], duration=s["duration"],
-                concurrency=s["concurrency"] * len(pr.sources), rate=s["rate"], warmup=s["warmup"], timeout=s["timeout"],
-                seed=spec.seed * 1000 + trial.rep * 100 + k, ask=pr.ask,
-            )
+            if s["source_order"] == "sequential" and len(sources) > 1:
+                parts = []
+                for i, src in enumerate(sources):
+                    share = _share(s["requests"], len(sources), i)
+                    if share == 0:
+                        continue  # fewer requests than sources
+                    part = traffic.run(
+                        [src], target, connection=s["connection"], requests=share,
+                        duration=s["duration"] / len(sources) if s["duration"] else None, concurrency=s["concurrency"],
+                        rate=s["rate"], warmup=-(-s["warmup"] // len(sources)), timeout=s["timeout"],
+                        seed=seed * 100 + i, ask=pr.ask,
+                    )
+                    # one numbering over the target's passes: worker slots as in parallel order
+                    w = part["worker"]
+                    parts.append(part.assign(worker=w.where(w < 0, w * len(sources) + i)))
+                df = pd.concat(parts, ignore_index=True)
+            else:
+                df = traffic.run(
+                    sources, target, connection=s["connection"], requests=s["requests"], duration=s["duration"],
+                    concurrency=s["concurrency"] * len(sources), rate=s["rate"], warmup=s["warmup"],
+                    timeout=s["timeout"], seed=seed, ask=pr.ask,
+                )
         except InputError as e:  # e.g. no DNS in this cluster: the probe is skipped, the reason kept
             skipped.append(f"{pr.target}: {e}")
             continue

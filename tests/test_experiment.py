@@ -38,7 +38,7 @@ TINY = {
         "warmup": 10,
         "targets": [
             {"name": "clusterip", "service": "default/my-clusterip-service", "via": "clusterIP", "from": ["app=toolbox"],
-             "measure": ["latency", "fairness", "source_ip", "per_node"]},
+             "measure": ["latency", "fairness", "source_ip", "per_node"], "source_order": "sequential"},
             {"name": "nodeport", "service": "default/my-nodeport-service", "via": "nodePort", "node": "node3", "from": ["client1"]},
             {"name": "lb", "service": "default/my-lb-service", "via": "loadBalancer", "from": ["client2"]},
         ],
@@ -86,6 +86,8 @@ BAD = {
                        'traffic.targets[1].from: Not found: "client9": no client, node or pod of that name (or pods matching it)'),
     "bad connection": (lambda d: d["traffic"].update(connection="persistent"),
                        'traffic.connection: Unsupported value: "persistent": supported values: "new", "keepalive"'),
+    "bad source order": (lambda d: d["traffic"].update(source_order="random"),
+                         'traffic.source_order: Unsupported value: "random": supported values: "parallel", "sequential"'),
     "zero requests": (lambda d: d["traffic"].update(requests=0),
                       "traffic.requests: Invalid value: 0: must be greater than or equal to 1"),
     "unbounded": (lambda d: d["traffic"].pop("requests"),
@@ -225,6 +227,15 @@ def test_tiny_run_end_to_end(tmp_path):
     for trial, g in cip.groupby("trial"):
         assert g[g["entry"] != "all"]["requests"].sum() == g[g["entry"] == "all"]["requests"].iloc[0]
         assert set(g["entry"]) == {"all", "from node1", "from node2", "from node3"}
+    # source_order: sequential: the three pods sent one after another, 40 requests each
+    rows = samples[samples["target"] == "clusterip"]
+    for (trial, ask), g in rows.groupby(["trial", "ask"]):
+        spans = sorted((int(x["start_ns"].min()), int((x["start_ns"] + x["total_us"] * 1000).max()), len(x[~x["warmup"]]))
+                       for _, x in g.groupby("client"))
+        assert len(spans) == 3, (trial, ask)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), (trial, ask, spans)  # no overlap
+        if ask == "hostname":
+            assert [n for _, _, n in spans] == [40, 40, 40]
     # pod -> ClusterIP keeps the pod's address (no masquerade from the pod CIDR)
     assert (overall[overall["target"] == "clusterip"]["src_preserved"] == 1.0).all()
     # the probed Service is matched after every background Service

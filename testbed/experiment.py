@@ -1279,7 +1279,8 @@ def _run_in_guest(loaded: Loaded, dir_: Path, console, reason: str, *, resume: b
     manifest_path = dir_ / "manifest.json"
     if manifest_path.exists():
         m = json.loads(manifest_path.read_text())
-        m["guest"] = {"kernel_choice": reason, "boot_s": getattr(res, "boot_s", None), "total_s": getattr(res, "total_s", None),
+        m["guest"] = {"kernel_choice": reason, "host_cpu": guest.guest_cpu(),
+                      "boot_s": getattr(res, "boot_s", None), "total_s": getattr(res, "total_s", None),
                       "returncode": getattr(res, "returncode", None), "outer_host": manifest_info()["kernel"],
                       "outer_elapsed_s": time.monotonic() - t0,
                       "outer_host_load": {"before": outer_load_before, "after": traffic.host_load()}}

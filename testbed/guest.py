@@ -335,12 +335,46 @@ def launcher_argv(kargv: list[str], die_with_parent: bool) -> list[str]:
             unshare, "--pid", "--fork", "--kill-child", "--", *kargv]
 
 
+#: ``TESTBED_GUEST_CPU``: the host CPU every guest process is pinned to (a number), or
+#: ``none``; default: the last CPU this process may use, when it may use two or more.
+GUEST_CPU_ENV = "TESTBED_GUEST_CPU"
+#: How the launcher learns the CPU (it pins itself, then execs: no process of the
+#: guest ever runs elsewhere, not even UML's first helper).
+LAUNCH_CPU_ENV = "TB_GUEST_CPU"
+
+
+def guest_cpu() -> int | None:
+    """The host CPU the guest runs on (``None``: not pinned).
+
+    The guest kernel is one CPU; its processes are host processes that hand the CPU
+    to each other (ptrace). Left to the host scheduler they hop between cores, and
+    every cross-core wake-up costs what a VM's idle core takes to wake: measured with
+    a bare veth connect loop in the guest, connect times fell into stretches of ~90
+    and ~400 us lasting seconds; pinned, the ~400 us stretches are gone (the p95 of
+    the demo's probes fell from 500-900 to 330-500 us)."""
+    v = os.environ.get(GUEST_CPU_ENV, "").strip().lower()
+    allowed = sorted(os.sched_getaffinity(0))
+    if v in ("none", "off", "no"):
+        return None
+    if v:
+        if not v.isdigit() or int(v) not in allowed:
+            raise InputError(f"Invalid value: {v!r}: must be none or one of the CPUs this process may use "
+                             f"({', '.join(map(str, allowed))})", field=GUEST_CPU_ENV)
+        return int(v)
+    return allowed[-1] if len(allowed) >= 2 else None
+
+
 def _launch(kargv: list[str], xdir: str, die_with_parent: bool) -> subprocess.Popen:
     """Start a guest (see :func:`launcher_argv`) in its own session — its process
-    group is the whole guest — with console output to ``xdir/console.log``."""
+    group is the whole guest — with console output to ``xdir/console.log``, pinned to
+    :func:`guest_cpu`."""
+    env = _uml_env()
+    cpu = guest_cpu()
+    if cpu is not None:
+        env[LAUNCH_CPU_ENV] = str(cpu)
     with open(os.path.join(xdir, "console.log"), "wb") as console:
         return subprocess.Popen(launcher_argv(kargv, die_with_parent), stdin=subprocess.DEVNULL, stdout=console,
-                                stderr=subprocess.STDOUT, env=_uml_env(), start_new_session=True)
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def _write_exchange(xdir: str, spec: dict) -> None:

@@ -487,6 +487,9 @@ def launch(argv: list[str]) -> int:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
         if os.getppid() != parent:  # it died before the line above
             return 1
+    cpu = os.environ.pop("TB_GUEST_CPU", "")  # guest.LAUNCH_CPU_ENV: pin the whole guest to it
+    if cpu:
+        os.sched_setaffinity(0, {int(cpu)})
     code = xstate_filter()
     buf = ctypes.create_string_buffer(code, len(code))
     prog_ = _SockFprog(len(code) // 8, ctypes.addressof(buf))

@@ -104,6 +104,52 @@ def test_run_returns_output_and_exit_status():
     assert r.returncode == 127 and "No such file" in r.stderr
 
 
+def _affinities_while_running(monkeypatch, guest_id: str) -> set[frozenset[int]]:
+    """Boot a guest (id ``guest_id``) that sleeps; the CPU sets of its host processes."""
+    import threading
+
+    monkeypatch.setattr(guest, "_new_id", lambda: guest_id)
+    seen: set[frozenset[int]] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for pid in guest.find_guest_processes(guest_id):
+                try:
+                    seen.add(frozenset(os.sched_getaffinity(pid)))
+                except OSError:
+                    pass
+            time.sleep(0.1)
+
+    th = threading.Thread(target=watch)
+    th.start()
+    try:
+        r = guest.run(["sleep", "2"], timeout=60, modules=[])
+    finally:
+        done.set()
+        th.join()
+    assert r.returncode == 0, r.stderr
+    return seen
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not guest.available(), reason=NO_UML)
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to pin")
+def test_the_guest_runs_pinned_to_one_host_cpu(monkeypatch):
+    cpus = sorted(os.sched_getaffinity(0))
+    monkeypatch.delenv(guest.GUEST_CPU_ENV, raising=False)
+    assert guest.guest_cpu() == cpus[-1]
+    assert _affinities_while_running(monkeypatch, "a1b2c3") == {frozenset({cpus[-1]})}
+    monkeypatch.setenv(guest.GUEST_CPU_ENV, str(cpus[0]))
+    assert _affinities_while_running(monkeypatch, "a1b2c4") == {frozenset({cpus[0]})}
+    monkeypatch.setenv(guest.GUEST_CPU_ENV, "none")
+    assert guest.guest_cpu() is None
+    assert _affinities_while_running(monkeypatch, "a1b2c5") == {frozenset(cpus)}
+    monkeypatch.setenv(guest.GUEST_CPU_ENV, "99")
+    with pytest.raises(InputError, match=r"^TESTBED_GUEST_CPU: Invalid value: '99': must be none or one of the CPUs"):
+        guest.guest_cpu()
+
+
 IPVS_SCRIPT = r"""
 import json, os, subprocess, sys
 ns = sys.argv[1]

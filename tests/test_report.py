@@ -115,6 +115,42 @@ def test_conclusions_follow_the_data(results):
     assert "**iptables (legacy)**, clusterip: first-packet (connect) p50" in text and "**grows**" in text
 
 
+def _stretches(variant: str, mode: str, services: int, rep: int, slow_blocks: list[int], rng: np.random.Generator,
+               factor: float = 1.0) -> pd.DataFrame:
+    """600 requests in 10 stretches of 60, each fast (~100 us) or slow (~300 us), as the
+    guest kernel's connect times come; ``factor`` scales every time (a real change)."""
+    df = _rows(variant, mode, services, rep, 600, rng, rotate=True, base_us=0.0, per_1k_us=0.0)
+    level = np.full(len(df), 100.0)
+    for b in slow_blocks:
+        level[5 + b * 60: 5 + (b + 1) * 60] = 300.0
+    df["connect_us"] = (level + rng.normal(0, 5, len(df))) * factor
+    return df
+
+
+def test_state_stretches_are_not_taken_for_growth():
+    """The same path measured in more slow stretches at the larger size: single requests
+    look wildly significant, the trials' blocks do not; a real +40 % does show."""
+    from scipy import stats as sps
+
+    rng = np.random.default_rng(5)
+    frames = []
+    for variant, mode, factor in (("ipvs rr", "ipvs", 1.0), ("iptables (legacy)", "iptables", 1.4)):
+        for services, slow in ((1, ([0], [0, 1, 2, 3], [5, 6, 7])), (2000, ([0, 1, 2, 3, 4, 5, 6], [8, 9], [1, 2, 3, 4]))):
+            for rep, blocks in enumerate(slow):
+                frames.append(_stretches(variant, mode, services, rep, blocks, rng, factor if services == 2000 else 1.0))
+    samples = pd.concat(frames, ignore_index=True)
+    summary = report.summarize(samples)
+    lt = report.latency_trend(summary, samples).set_index("variant")
+    ipvs = samples[(samples["mode"] == "ipvs") & ~samples["warmup"]]
+    raw_p = sps.mannwhitneyu(ipvs[ipvs["services"] == 2000]["connect_us"], ipvs[ipvs["services"] == 1]["connect_us"],
+                             alternative="greater").pvalue
+    assert raw_p < 1e-9  # what a test on single requests would conclude
+    assert lt.loc["ipvs rr", "mw_p"] > 0.05
+    assert lt.loc["ipvs rr", "verdict"] in ("flat", "flat within the noise")
+    assert lt.loc["iptables (legacy)", "verdict"] == "grows"
+    assert list(report.block_medians(pd.Series([1.0, 2, 3, 4] * 10), pd.Series(range(40)))) == [2.5, 2.5]
+
+
 def test_build_writes_everything_and_rebuilds_byte_for_byte(results):
     report.build(results)
     for name in ("summary.csv", "sync.csv", "report.md", "report.html"):

@@ -255,6 +255,15 @@ def categorize_endpoints(
     """
     if not endpoints:
         return [], [], [], False
+    if not svc.internal_policy_local and not svc.external_policy_local:
+        # The common Service (Cluster policies): when every endpoint is ready and none
+        # carries a hint, the steps below keep them all; skip them.
+        for ep in endpoints:
+            if not ep.ready or ep.zone_hints or ep.node_hints:
+                break
+        else:
+            cluster = list(endpoints)
+            return cluster, [], cluster, True
 
     zone = (topology_labels or {}).get(LABEL_TOPOLOGY_ZONE, "")
     cluster: list[Endpoint] = []

@@ -194,8 +194,8 @@ class TrafficSpec(_Spec):
     rate: float | None = Field(None, gt=0, le=10_000_000)
     warmup: int | None = Field(None, ge=0, le=1_000_000)
     timeout: float | None = Field(None, gt=0, le=300)
-    # How a target's sources send: all at once, or one after another (requests, warmup
-    # and duration split evenly). On a small machine parallel sources queue behind each
+    # How a target's sources send: all at once, or one after another (requests and
+    # duration split evenly; each source warms up with warmup/sources, rounded up). On a small machine parallel sources queue behind each
     # other for the CPU, and their connect times then measure that queue.
     source_order: Literal["parallel", "sequential"] | None = None
 

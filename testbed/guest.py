@@ -357,7 +357,7 @@ def guest_cpu() -> int | None:
     if v in ("none", "off", "no"):
         return None
     if v:
-        if not v.isdigit() or int(v) not in allowed:
+        if not (v.isascii() and v.isdigit()) or int(v) not in allowed:
             raise InputError(f"Invalid value: {v!r}: must be none or one of the CPUs this process may use "
                              f"({', '.join(map(str, allowed))})", field=GUEST_CPU_ENV)
         return int(v)

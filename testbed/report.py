@@ -280,7 +280,9 @@ def latency_trend(summary: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
                 return np.concatenate(parts) if parts else np.array([])
 
             a, b = blocks(lo_n), blocks(hi_n)
-            if len(a) and len(b):
+            # too few blocks can never reach GROWTH_P (the smallest one-sided p is 1/C(n, k)):
+            # no test then
+            if len(a) and len(b) and 1 / math.comb(len(a) + len(b), len(a)) < GROWTH_P:
                 p = float(sps.mannwhitneyu(b, a, alternative="greater").pvalue)
                 p_less = float(sps.mannwhitneyu(b, a, alternative="less").pvalue)
             x = g["services"].to_numpy(dtype=float)
@@ -296,12 +298,12 @@ def latency_trend(summary: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
             verdict = "falls"
         elif abs(change) < GROWTH or abs(hi - lo) < 2:
             verdict = "flat"
-        elif math.isnan(p):
+        elif math.isnan(p) or math.isnan(change):
             verdict = "unclear"
         else:  # a change the trials' own variation explains
             verdict = "flat within the noise"
         rows.append({"variant": variant, "target": target, "services_min": lo_n, "services_max": hi_n,
-                     "connect_p50_min_us": lo, "connect_p50_max_us": hi, "change": change, "mw_p": p,
+                     "connect_p50_min_us": lo, "connect_p50_max_us": hi, "change": change, "mw_p": p, "mw_p_less": p_less,
                      "slope_us_per_1k": slope, "verdict": verdict})
     return pd.DataFrame(rows)
 
@@ -356,7 +358,8 @@ def conclusions(summary: pd.DataFrame, sync: pd.DataFrame, samples: pd.DataFrame
         out.append(
             f"**{r['variant']}**, {r['target']}: first-packet (connect) p50 {_fmt_us(r['connect_p50_min_us'])} at "
             f"{r['services_min']:,} → {_fmt_us(r['connect_p50_max_us'])} at {r['services_max']:,} background Services "
-            f"({r['change']:+.0%}, {r['slope_us_per_1k']:+.2f} µs per 1,000 Services; Mann-Whitney p = {r['mw_p']:.2g}): "
+            f"({r['change']:+.0%}, {r['slope_us_per_1k']:+.2f} µs per 1,000 Services; Mann-Whitney p = "
+            f"{r['mw_p_less'] if r['verdict'] == 'falls' else r['mw_p']:.2g}): "
             f"**{r['verdict']}**."
         )
     fv = fairness_verdicts(summary)

@@ -1045,6 +1045,18 @@ def test_endpoint_slice_conversion_rules():
     ]
 
 
+def test_endpoints_of_a_slice_are_only_read_for_a_usable_port():
+    """kube-proxy reads a slice's endpoints per usable port: a slice whose ports are all
+    ignored contributes nothing, whatever its endpoints hold."""
+    def sl(ports, endpoints):  # noqa: ANN001, ANN202
+        return {"kind": "EndpointSlice", "addressType": "IPv4", "ports": ports, "endpoints": endpoints,
+                "metadata": {"namespace": "ns1", "name": "s", "labels": {"kubernetes.io/service-name": "svc1"}}}
+
+    assert build_endpoints_map([sl([{"name": "", "port": "abc"}], [])]) == {}
+    assert build_endpoints_map([sl([{"port": 80}], [dict(ep("10.0.0.1"), hints={"forZones": ["z"]})])]) == {}
+    assert build_endpoints_map([sl([{"name": "p", "port": 0}], [None])]) == {}
+
+
 def test_load_balancer_ip_mode_proxy_is_ignored():
     """TestLoadBalancerIngressRouteTypeProxy."""
     for mode, want in (("Proxy", False), ("VIP", True), (None, True)):

@@ -149,6 +149,16 @@ def test_state_stretches_are_not_taken_for_growth():
     assert lt.loc["ipvs rr", "verdict"] in ("flat", "flat within the noise")
     assert lt.loc["iptables (legacy)", "verdict"] == "grows"
     assert list(report.block_medians(pd.Series([1.0, 2, 3, 4] * 10), pd.Series(range(40)))) == [2.5, 2.5]
+    # too few requests for blocks that could ever show a change: unclear, not flat
+    few = pd.concat([_rows("ipvs rr", "ipvs", n, 0, 30, rng, rotate=True, base_us=100.0, per_1k_us=500.0) for n in (1, 2000)],
+                    ignore_index=True)
+    lt = report.latency_trend(report.summarize(few), few).set_index("variant")
+    assert lt.loc["ipvs rr", "verdict"] == "unclear"
+    # a fall is printed with the p-value of the test that found it
+    falls = samples.assign(connect_us=np.where(samples["services"] == 2000, samples["connect_us"] / 3, samples["connect_us"]))
+    lines = report.conclusions(report.summarize(falls), pd.DataFrame(), falls)
+    line = next(x for x in lines if x.startswith("**ipvs rr**, clusterip: first-packet"))
+    assert line.endswith("**falls**.") and "Mann-Whitney p = 1)" not in line
 
 
 def test_build_writes_everything_and_rebuilds_byte_for_byte(results):

@@ -288,6 +288,40 @@ def build_endpoints_map(
     )
 
 
+def _endpoint_bases(obj: Mapping[str, Any], prefer_same_traffic_distribution: bool) -> list[tuple]:
+    """Each endpoint of a slice without its port: (ip, ready, serving, terminating,
+    nodeName, zone, zone hints, node hints); endpoints without a parseable first
+    address are left out."""
+    parse = parse_ip_sloppy
+    base = []
+    for ep in obj.get("endpoints") or ():
+        addresses = ep.get("addresses")
+        if not addresses:
+            continue
+        ip = parse(addresses[0])
+        if ip is None:
+            continue
+        cond = ep.get("conditions")
+        if cond:
+            ready = cond.get("ready")
+            serving = cond.get("serving")
+            terminating = cond.get("terminating")
+            # nil ready/serving count as true, nil terminating as false
+            ready = ready is None or bool(ready)
+            serving = serving is None or bool(serving)
+            terminating = terminating is not None and bool(terminating)
+        else:
+            ready, serving, terminating = True, True, False
+        hints = ep.get("hints")
+        if hints:
+            zone_hints = _hint_names(hints, "forZones")
+            node_hints = _hint_names(hints, "forNodes") if prefer_same_traffic_distribution else None
+        else:
+            zone_hints = node_hints = None
+        base.append((ip, ready, serving, terminating, ep.get("nodeName"), ep.get("zone"), zone_hints, node_hints))
+    return base
+
+
 def _endpoints_map(objects: list[Mapping[str, Any]], ip_family: str, prefer_same_traffic_distribution: bool) -> EndpointsMap:
     address_type = ip_family  # discovery.AddressTypeIPv4 == "IPv4"
     slices: dict[tuple[str, str], Mapping[str, Any]] = {}
@@ -300,7 +334,6 @@ def _endpoints_map(objects: list[Mapping[str, Any]], ip_family: str, prefer_same
             continue
         slices[(meta["namespace"], meta["name"])] = obj
 
-    parse = parse_ip_sloppy
     # Endpoints are immutable values: equal ones (the same pod behind many Services, or
     # many ports of one slice) share one object, built once per call.
     interned: dict[tuple, Endpoint] = {}
@@ -312,33 +345,7 @@ def _endpoints_map(objects: list[Mapping[str, Any]], ip_family: str, prefer_same
             continue
         namespace = key[0]
         svc_name = obj["metadata"]["labels"][LABEL_SERVICE_NAME]
-        # The port-independent part of each endpoint, once per slice.
-        base = []
-        for ep in obj.get("endpoints") or ():
-            addresses = ep.get("addresses")
-            if not addresses:
-                continue
-            ip = parse(addresses[0])
-            if ip is None:
-                continue
-            cond = ep.get("conditions")
-            if cond:
-                ready = cond.get("ready")
-                serving = cond.get("serving")
-                terminating = cond.get("terminating")
-                # nil ready/serving count as true, nil terminating as false
-                ready = ready is None or bool(ready)
-                serving = serving is None or bool(serving)
-                terminating = terminating is not None and bool(terminating)
-            else:
-                ready, serving, terminating = True, True, False
-            hints = ep.get("hints")
-            if hints:
-                zone_hints = _hint_names(hints, "forZones")
-                node_hints = _hint_names(hints, "forNodes") if prefer_same_traffic_distribution else None
-            else:
-                zone_hints = node_hints = None
-            base.append((ip, ready, serving, terminating, ep.get("nodeName"), ep.get("zone"), zone_hints, node_hints))
+        base = None  # the port-independent part of each endpoint: read once, at the first usable port
         for port in ports:
             port_name = port.get("name")
             if port_name is None:
@@ -346,11 +353,14 @@ def _endpoints_map(objects: list[Mapping[str, Any]], ip_family: str, prefer_same
             number = port.get("port")
             if not number:
                 continue  # "Ignoring invalid endpoint port"
-            number = int(number)
             spn = ServicePortName(namespace, svc_name, port_name, port.get("protocol") or "TCP")
             ep_set = by_port.get(spn)
             if ep_set is None:
                 ep_set = by_port[spn] = {}
+            if base is None:
+                base = _endpoint_bases(obj, prefer_same_traffic_distribution)
+            if base:
+                number = int(number)
             for ip, ready, serving, terminating, node_name, zone, zone_hints, node_hints in base:
                 ikey = (ip, number, ready, serving, terminating, node_name, zone, zone_hints, node_hints)
                 try:

@@ -369,15 +369,29 @@ def endpoint_hostname(ep: dict[str, Any], address: str) -> str:
     return ep.get("hostname") or address.replace(".", "-").replace(":", "-")
 
 
-def _ready_endpoints(cluster: Cluster, ns: str, name: str) -> list[tuple[str, str, list[dict[str, Any]]]]:
-    """(address, hostname, slice ports) of every ready endpoint of Service ns/name, from
-    the EndpointSlices labelled with it (deduplicated, in slice order)."""
-    out: list[tuple[str, str, list[dict[str, Any]]]] = []
-    seen: set[tuple[str, str]] = set()
+def _slices_by_service(cluster: Cluster) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """(namespace, Service name) -> its EndpointSlices (by the service-name label), in
+    the cluster's order: one pass, so the records of N Services cost O(N), not O(N^2)."""
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for sl in cluster.endpointslices:
         meta = sl.get("metadata") or {}
-        if (meta.get("namespace") or "default") != ns or (meta.get("labels") or {}).get("kubernetes.io/service-name") != name:
-            continue
+        svc = (meta.get("labels") or {}).get("kubernetes.io/service-name")
+        if svc is not None:
+            out.setdefault((meta.get("namespace") or "default", svc), []).append(sl)
+    return out
+
+
+def _ready_endpoints(cluster: Cluster, ns: str, name: str,
+                     by_service: dict[tuple[str, str], list[dict[str, Any]]] | None = None
+                     ) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """(address, hostname, slice ports) of every ready endpoint of Service ns/name, from
+    the EndpointSlices labelled with it (deduplicated, in slice order). ``by_service``:
+    :func:`_slices_by_service` of the cluster, when the caller asks for many Services."""
+    out: list[tuple[str, str, list[dict[str, Any]]]] = []
+    seen: set[tuple[str, str]] = set()
+    if by_service is None:
+        by_service = _slices_by_service(cluster)
+    for sl in by_service.get((ns, name), ()):
         if sl.get("addressType", "IPv4") != "IPv4":
             continue
         ports = list(sl.get("ports") or [])
@@ -409,7 +423,14 @@ def records(cluster: Cluster, domain: str = CLUSTER_DOMAIN) -> Records:
             seen_hosts.add((ip, name))
             rec.hosts.append((ip, name))
 
-    services = sorted(cluster.services, key=_key)
+    # The synthetic background of an experiment (testbed.synthetic) is for the proxies,
+    # as in kube-proxy's own scale benchmarks: it is not published in DNS. Nothing
+    # resolves it, and 10k more records would make every sync wait for dnsmasq to load
+    # them (~15 s here, minutes in the guest kernel).
+    from testbed.synthetic import _is_synthetic
+
+    services = sorted((s for s in cluster.services if not _is_synthetic(s)), key=_key)
+    by_service = _slices_by_service(cluster)
     endpoint_lines: list[tuple[str, str]] = []
     headless_first: list[tuple[str, str]] = []
     srv_by_name: dict[str, list[tuple[str, int]]] = {}
@@ -425,7 +446,7 @@ def records(cluster: Cluster, domain: str = CLUSTER_DOMAIN) -> Records:
         headless = _is_headless(svc)
         if not headless and not _cluster_ips(svc):
             continue  # not admitted
-        eps = _ready_endpoints(cluster, ns, name)
+        eps = _ready_endpoints(cluster, ns, name, by_service)
         lines = [(addr, f"{h}.{fqdn}") for addr, h, _ in eps]
         (headless_first if headless else endpoint_lines).extend(lines)
         for port in spec.get("ports") or []:
@@ -455,7 +476,7 @@ def records(cluster: Cluster, domain: str = CLUSTER_DOMAIN) -> Records:
     for svc in services:
         ns, name = _key(svc)
         if _is_headless(svc):
-            for addr, _h, _p in _ready_endpoints(cluster, ns, name):
+            for addr, _h, _p in _ready_endpoints(cluster, ns, name, by_service):
                 host(addr, f"{name}.{ns}.svc.{domain}")
     for pod in sorted(cluster.pods, key=lambda p: (p.namespace, p.name)):
         if pod.ip and _ipv4(pod.ip):

@@ -143,6 +143,19 @@ def test_not_ready_endpoints_and_empty_headless_services_have_no_records(model):
     assert not any(s.name.endswith(f"nginx.default.svc.{Z}") for s in rec.srvs)
 
 
+def test_the_synthetic_background_is_not_published(model):
+    """An experiment's background Services are for the proxies (kube-proxy's benchmarks
+    have no DNS): no records."""
+    from testbed import synthetic
+
+    c = model.model_copy(deep=True)
+    before = tdns.records(c)
+    synthetic.admit(c, synthetic.for_cluster(c, 2000, 3, seed=1, namespace="bench"))
+    rec = tdns.records(c)
+    assert rec.hosts == before.hosts and rec.srvs == before.srvs
+    assert not any(".bench.svc." in n for _, n in rec.hosts)
+
+
 def test_resolv_conf_as_kubelet_writes_it(model):
     assert tdns.resolv_conf(model, _pod(model, "web-0")) == (
         f"search default.svc.{Z} svc.{Z} {Z}\nnameserver 10.233.0.3\noptions ndots:5\n")

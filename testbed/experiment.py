@@ -30,6 +30,7 @@ the field and the rule; nothing is created before it passes)::
         - {name: clusterip, service: default/my-clusterip-service, via: clusterIP, from: [app=toolbox]}
         - {name: nodeport, service: default/my-nodeport-service, via: nodePort, node: node3, from: [client1]}
         - {name: lb, service: default/my-lb-service, via: loadBalancer, from: [client2]}
+        - {name: direct, service: default/my-clusterip-service, via: pod, from: [app=toolbox]}  # no Service: the control
     profiles:                             # overlays selected with --profile
       quick: {sweep: {services: [0, 1000]}, repetitions: 1, traffic: {requests: 500}}
 
@@ -207,7 +208,9 @@ TRAFFIC_DEFAULTS = {"connection": "new", "protocol": "http", "requests": None, "
 class TargetSpec(TrafficSpec):
     name: str
     service: str  # NAMESPACE/NAME or NAME (namespace default)
-    via: Literal["clusterIP", "nodePort", "loadBalancer", "dns"] = "clusterIP"
+    # pod: straight to the Service's first ready endpoint (pod IP and target port): the
+    # same path without the Service, a control for what the Service adds
+    via: Literal["clusterIP", "nodePort", "loadBalancer", "dns", "pod"] = "clusterIP"
     port: int | str | None = None  # Service port number or name; default: the first of the protocol
     node: str | None = None  # nodePort: the node entered, or "all"
     sources: list[str] = Field(alias="from")
@@ -908,6 +911,13 @@ def probes(spec: Experiment, cluster) -> list[Probe]:  # noqa: ANN001
         elif t.via == "loadBalancer":
             ip = svc["status"]["loadBalancer"]["ingress"][0]["ip"]
             entries.append(("all", ip, port["port"], None))
+        elif t.via == "pod":
+            direct = _pod_endpoint(cluster, ns, name, port)
+            if direct is None:  # no ready endpoint: run_trial records the probe as skipped
+                entries.append(("all", "", 0, None))
+            else:
+                eps = [(direct[0], "")]
+                entries.append(("all", direct[1], direct[2], None))
         else:
             nodes = [n for n in cluster.nodes] if t.node == "all" else [cluster.node(t.node or cluster.nodes[0].name)]
             entries += [(n.name if t.node == "all" else "all", n.ip, port["nodePort"], None) for n in nodes]
@@ -937,6 +947,26 @@ def _ready_endpoints(cluster, ns: str, name: str) -> list[tuple[str, str]]:  # n
             ref = (ep.get("targetRef") or {}).get("name") or (ep.get("addresses") or [""])[0]
             out.add((ref, ep.get("nodeName") or ""))
     return sorted(out)
+
+
+def _pod_endpoint(cluster, ns: str, name: str, port: dict[str, Any]) -> tuple[str, str, int] | None:  # noqa: ANN001
+    """(pod, IP, port) of the Service port's first ready endpoint (by pod name), from its
+    EndpointSlices: where ``via: pod`` sends."""
+    found = []
+    for sl in cluster.endpointslices:
+        m = sl.get("metadata") or {}
+        if (m.get("namespace") or "default") != ns or (m.get("labels") or {}).get("kubernetes.io/service-name") != name:
+            continue
+        sport = next((p for p in sl.get("ports") or [] if (p.get("name") or "") == (port.get("name") or "")
+                      and (p.get("protocol") or "TCP") == (port.get("protocol") or "TCP")), None)
+        if sport is None or not sport.get("port"):
+            continue
+        for ep in sl.get("endpoints") or []:
+            if (ep.get("conditions") or {}).get("ready", True) is False or not ep.get("addresses"):
+                continue
+            ref = (ep.get("targetRef") or {}).get("name") or ep["addresses"][0]
+            found.append((ref, ep["addresses"][0], int(sport["port"])))
+    return min(found) if found else None
 
 
 def _share(total: int | None, parts: int, i: int) -> int | None:
@@ -1016,6 +1046,9 @@ def run_trial(trial: Trial, spec: Experiment, cluster, backend: str | None, runt
     for k, pr in enumerate(probes(spec, cluster)):
         pos, total = synthetic.dispatch_position(cluster, *pr.service.split("/", 1))
         s = pr.settings
+        if pr.via == "pod" and not pr.ip:
+            skipped.append(f"{pr.target}: Service {pr.service} has no ready endpoint to send to")
+            continue
         sources = [traffic.Source(name, ns) for name, ns, _ip, _node in pr.sources]
         target = traffic.Target(pr.ip, pr.port, protocol=s["protocol"], path=f"/{pr.ask}", host_name=pr.host_name)
         seed = spec.seed * 1000 + trial.rep * 100 + k

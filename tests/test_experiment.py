@@ -41,6 +41,8 @@ TINY = {
              "measure": ["latency", "fairness", "source_ip", "per_node"], "source_order": "sequential"},
             {"name": "nodeport", "service": "default/my-nodeport-service", "via": "nodePort", "node": "node3", "from": ["client1"]},
             {"name": "lb", "service": "default/my-lb-service", "via": "loadBalancer", "from": ["client2"]},
+            {"name": "direct", "service": "default/my-clusterip-service", "via": "pod", "from": ["app=toolbox"],
+             "requests": 60, "measure": ["latency", "fairness", "source_ip"]},
         ],
     },
     "profiles": {"bigger": {"sweep": {"services": [0, 100, 200]}, "repetitions": 2}},
@@ -212,16 +214,22 @@ def test_tiny_run_end_to_end(tmp_path):
     for col in "mode,services,endpoints,target,requests,errors,p50_us,p90_us,p99_us,jain,cov,max_min,chi2,chi2_p".split(","):
         assert col in summary.columns
     overall = summary[summary["entry"] == "all"]
-    assert len(overall) == 2 * 3  # 2 sizes x 3 targets
+    assert len(overall) == 2 * 4  # 2 sizes x 4 targets
     # summary counts = sample counts
     measured = samples[(~samples["warmup"]) & (samples["ask"] == "hostname")]
-    for _, row in overall.iterrows():
+    for _, row in overall[overall["target"] != "direct"].iterrows():
         g = measured[(measured["trial"] == row["trial"]) & (measured["target"] == row["target"])]
         assert row["requests"] == len(g) == 120
         assert row["errors"] == (g["error"] != "").sum() == 0
         counts = g["backend"].value_counts()
         assert row["backends"] == (counts > 0).sum() == 2  # both myapp pods answered
         assert row["p50_us"] == pytest.approx(float(g["total_us"].sort_values().iloc[59]))  # nearest rank 60 of 120
+    # via: pod goes straight to one myapp pod (its IP and target port): no Service, no NAT
+    direct = measured[measured["target"] == "direct"]
+    assert len(direct) == 2 * 60 and direct["error"].eq("").all()
+    assert direct["backend"].nunique() == 1 and direct["backend"].iloc[0].startswith("myapp-")
+    assert direct["dst"].nunique() == 1 and direct["dst"].iloc[0].endswith(":8080") and direct["dst"].iloc[0].startswith("10.233.")
+    assert (overall[overall["target"] == "direct"]["src_preserved"] == 1.0).all()
     # per-node rows of the clusterIP target add up to its overall row
     cip = summary[(summary["target"] == "clusterip")]
     for trial, g in cip.groupby("trial"):

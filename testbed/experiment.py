@@ -95,7 +95,7 @@ MAX_SERVICES = 60_000  # a /16 service CIDR; the topology's CIDR is the real bou
 MAX_TRIALS = 10_000
 KERNEL_RUNTIME_ENV = "TESTBED_KERNEL_RUNTIME"  # "host" / "uml": overrides the detection
 GUEST_TIMEOUT = 3 * 3600.0  # one guest run; trials are journaled, so --resume continues after it
-GUEST_MEM = "6G"  # the guest's RAM: 3 nodes x 10,000 Services of rules, DNS records, pandas and the pod servers (3G ran out)
+GUEST_MEM = "10G"  # the guest's RAM (a sparse file in /dev/shm: only what it touches): 3 nodes x 10,000 Services of rules, pandas, the pod servers (3G ran out; 6G ran out at the end of the full profile: its OOM killer ended the run)
 
 
 # --------------------------------------------------------------------------- the file
@@ -1309,6 +1309,8 @@ def _run_in_guest(loaded: Loaded, dir_: Path, console, reason: str, *, resume: b
     finally:  # what the run inside printed, for the record
         with open(dir_ / "guest.log", "ab") as f:
             f.write(out.getvalue() + b"\n--- stderr ---\n" + err.getvalue())
+            if res is not None and res.info.get("console_tail"):
+                f.write(b"\n--- guest kernel console ---\n" + res.info["console_tail"].encode())
     manifest_path = dir_ / "manifest.json"
     if manifest_path.exists():
         m = json.loads(manifest_path.read_text())
@@ -1336,7 +1338,8 @@ def _run_in_guest(loaded: Loaded, dir_: Path, console, reason: str, *, resume: b
         console.print(line, highlight=False)
     if res.returncode not in (0, 130):
         lines = (res.stderr or res.stdout or "").strip().splitlines()
-        raise KernelError(f"the run inside the guest kernel failed (exit {res.returncode}): {lines[-1] if lines else 'no output'}")
+        why = res.info.get("console_tail") or (lines[-1] if lines else "no output")
+        raise KernelError(f"the run inside the guest kernel failed (exit {res.returncode}): {why}")
     return res.returncode
 
 

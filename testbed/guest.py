@@ -498,6 +498,8 @@ def run(
         out, err = (_read_text(os.path.join(xdir, n)) for n in ("stdout", "stderr"))
         info = dict(ready, guest_id=guest_id)
         info.update({k: v for k, v in result.items() if k != "rc"})
+        if int(result["rc"]) < 0:  # killed by a signal: the guest kernel's console says why (e.g. its OOM killer)
+            info["console_tail"] = _console_tail(xdir, 40)
         return GuestResult(int(result["rc"]), out, err, round(boot_s if boot_s is not None else total_s, 3), round(total_s, 3), info)
     except GuestError as e:
         e.guest_id = guest_id  # which guest it was (its processes and files are gone)

@@ -348,6 +348,35 @@ def sync_trend(sync: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def control_comparisons(summary: pd.DataFrame, lt: pd.DataFrame) -> list[str]:
+    """Per variant with a ``via: pod`` target (the control: the same sources straight to
+    a backend pod, no Service VIP): how much each ClusterIP/DNS target's p50 grew beyond
+    what the control grew over the same sizes. What grows on both paths is not the
+    Service dispatch (in iptables mode every new connection of a node walks
+    KUBE-SERVICES, Service or not)."""
+    if lt.empty or "via" not in summary.columns:
+        return []
+    vias = summary.drop_duplicates(["variant", "target"]).set_index(["variant", "target"])["via"]
+    out = []
+    for variant, g in lt.groupby("variant", sort=False):
+        ctl = [r for _, r in g.iterrows() if vias.get((variant, r["target"])) == "pod" and r["services_max"] > r["services_min"]]
+        if not ctl:
+            continue
+        c = ctl[0]
+        c_growth = c["connect_p50_max_us"] - c["connect_p50_min_us"]
+        for _, r in g.iterrows():
+            if vias.get((variant, r["target"])) not in ("clusterIP", "dns") or r["services_max"] != c["services_max"] \
+                    or r["services_min"] != c["services_min"]:
+                continue
+            growth = r["connect_p50_max_us"] - r["connect_p50_min_us"]
+            out.append(
+                f"**{variant}**, {r['target']} against {c['target']} (the same pods straight to a backend, no Service): "
+                f"p50 grew {growth:+.0f} µs and {c_growth:+.0f} µs from {r['services_min']:,} to {r['services_max']:,} "
+                f"background Services: the Service path adds **{growth - c_growth:+.0f} µs** beyond what the direct path grew."
+            )
+    return out
+
+
 def conclusions(summary: pd.DataFrame, sync: pd.DataFrame, samples: pd.DataFrame) -> list[str]:
     """Sentences computed from the tables (the report's "Conclusions")."""
     out: list[str] = []
@@ -362,6 +391,7 @@ def conclusions(summary: pd.DataFrame, sync: pd.DataFrame, samples: pd.DataFrame
             f"{r['mw_p_less'] if r['verdict'] == 'falls' else r['mw_p']:.2g}): "
             f"**{r['verdict']}**."
         )
+    out += control_comparisons(summary, lt)
     fv = fairness_verdicts(summary)
     for _, r in fv.iterrows():
         what = {

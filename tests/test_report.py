@@ -161,6 +161,26 @@ def test_state_stretches_are_not_taken_for_growth():
     assert line.endswith("**falls**.") and "Mann-Whitney p = 1)" not in line
 
 
+def test_the_control_path_is_subtracted():
+    """A ClusterIP target and the via: pod control from the same pods: the conclusion
+    says how much more the Service path grew than the direct one."""
+    rng = np.random.default_rng(2)
+    frames = []
+    for variant, mode, svc_per_1k, ctl_per_1k in (("ipvs rr", "ipvs", 10.0, 10.0), ("iptables (legacy)", "iptables", 30.0, 10.0)):
+        for services in (1, 5000):
+            frames.append(_rows(variant, mode, services, 0, 600, rng, rotate=True, base_us=100.0, per_1k_us=svc_per_1k))
+            ctl = _rows(variant, mode, services, 0, 600, rng, rotate=True, base_us=100.0, per_1k_us=ctl_per_1k)
+            frames.append(ctl.assign(target="direct", via="pod", backend="myapp-a", expected_backends="myapp-a"))
+    samples = pd.concat(frames, ignore_index=True)
+    summary = report.summarize(samples)
+    lines = report.control_comparisons(summary, report.latency_trend(summary, samples))
+    assert len(lines) == 2
+    ipvs = next(x for x in lines if x.startswith("**ipvs rr**, clusterip against direct"))
+    ipt = next(x for x in lines if x.startswith("**iptables (legacy)**, clusterip against direct"))
+    added = {k: float(x.split("adds **")[1].split(" µs")[0]) for k, x in (("ipvs", ipvs), ("ipt", ipt))}
+    assert abs(added["ipvs"]) < 5 and 90 < added["ipt"] < 110  # 20 us per 1,000 more, over 5,000 Services
+
+
 def test_build_writes_everything_and_rebuilds_byte_for_byte(results):
     report.build(results)
     for name in ("summary.csv", "sync.csv", "report.md", "report.html"):

@@ -1197,7 +1197,8 @@ def main_run(file: str | None, *, profile: str | None, kernel: str | None, out: 
     chosen, reason = choose_kernel(spec.kernel, spec, runtime)
     if chosen == "uml" and runtime == "host":
         return _run_in_guest(loaded, dir_, console, reason, resume=bool(resume), base_file=base_file)
-    return run(loaded, trials, dir_, console, base_file=base_file, kernel_reason=reason, resumed=bool(resume))
+    return run(loaded, trials, dir_, console, base_file=base_file, kernel_reason=reason, resumed=bool(resume),
+               one_variant=guest_child)
 
 
 def _load_saved(file: str, profile: str | None, kernel: str | None, base_file: str) -> Loaded:
@@ -1296,9 +1297,17 @@ def _run_in_guest(loaded: Loaded, dir_: Path, console, reason: str, *, resume: b
             th = threading.Thread(target=watch, args=(bar,), daemon=True)
             th.start()
             try:
-                res = guest.run(argv, timeout=GUEST_TIMEOUT, mem=GUEST_MEM, cwd=os.getcwd(),
-                                env={"PYTHONUNBUFFERED": "1", "TESTBED_KERNEL_REQUESTED": spec.kernel},
-                                stream=(out, err))
+                # one guest per variant (see run(): one_variant), until every trial is done
+                for _ in range(len(variants(spec)) + 1):
+                    before = len(journal(dir_))
+                    res = guest.run(argv, timeout=GUEST_TIMEOUT, mem=GUEST_MEM, cwd=os.getcwd(),
+                                    env={"PYTHONUNBUFFERED": "1", "TESTBED_KERNEL_REQUESTED": spec.kernel},
+                                    stream=(out, err))
+                    status_inside = json.loads((dir_ / "manifest.json").read_text()).get("status") \
+                        if (dir_ / "manifest.json").exists() else None
+                    if res.returncode != 0 or status_inside != "incomplete" or len(journal(dir_)) == before:
+                        break
+                    argv = [*argv[:argv.index("--guest-child") + 1], "--resume", str(dir_)]
             finally:
                 stop.set()
                 th.join(3)
@@ -1324,8 +1333,8 @@ def _run_in_guest(loaded: Loaded, dir_: Path, console, reason: str, *, resume: b
         if status != "complete":
             m["status"] = status
         write_json(manifest_path, m)
-        if status != "complete" and journal(dir_):
-            report.build(dir_)
+        if journal(dir_):  # on the host: the guest runs leave the report to us
+            report.build(dir_, final=m.get("status") == "complete")
     if failure is not None:
         raise KernelError(f"{failure}; {len(journal(dir_))}/{total} trials kept in {dir_}: continue with "
                           f"`testbed run --resume {dir_}`")
@@ -1344,8 +1353,16 @@ def _run_in_guest(loaded: Loaded, dir_: Path, console, reason: str, *, resume: b
 
 
 def run(loaded: Loaded, trials: list[Trial], dir_: Path, console, *, base_file: str, kernel_reason: str = "",  # noqa: ANN001
-        resumed: bool = False) -> int:
-    """Run every trial not yet journaled in ``dir_`` on this kernel; write the report."""
+        resumed: bool = False, one_variant: bool = False) -> int:
+    """Run every trial not yet journaled in ``dir_`` on this kernel; write the report.
+
+    ``one_variant`` (a run inside the guest kernel): stop after one variant's trials and
+    leave the report to the caller, which starts a fresh guest for the next variant.
+    The guest kernel backs every page of a guest process with a host mapping, and a
+    host process may hold only ``vm.max_map_count`` (65,530) of them: one process
+    through the whole full profile (two variants up to 10,000 Services, then pandas)
+    ran out of them at its end (the guest kernel's console: ``do_syscall_stub: syscall
+    9 failed ... Failed to flush page``; the process was killed)."""
     from testbed import lifecycle, report, traffic
 
     spec = loaded.spec
@@ -1424,6 +1441,8 @@ def run(loaded: Loaded, trials: list[Trial], dir_: Path, console, *, base_file: 
                     bar.status(f"{v.label(backend)}: cluster down")
                     lifecycle.down(cluster.name)
                     cluster_name = None
+                if one_variant:
+                    break
     except KeyboardInterrupt:
         status = "interrupted"
         if cluster_name:
@@ -1442,7 +1461,7 @@ def run(loaded: Loaded, trials: list[Trial], dir_: Path, console, *, base_file: 
         manifest["trials"] = {"total": len(runnable), "done": len({e["trial"] for e in finished}), "skipped_variants": len(skipped)}
         manifest.setdefault("host_load", {})["after"] = traffic.host_load()
         write_json(manifest_path, manifest)
-        if finished:
+        if finished and not one_variant:
             with contextlib.suppress(KeyboardInterrupt):
                 report.build(dir_, final=manifest["status"] == "complete")
     if status == "interrupted":

@@ -315,3 +315,31 @@ def test_ctrl_c_keeps_finished_trials_and_resume_finishes(tmp_path):
     assert not _clusters_of("xintr-")
     r = _run(["run", "--resume", str(out)])  # nothing left to do
     assert r.returncode == 0 and "0 to run" in r.stdout
+
+
+@pytest.mark.root
+def test_a_guest_kernel_run_boots_one_guest_per_variant(tmp_path):
+    """kernel: uml: every variant runs in a fresh guest (a guest process's pages are host
+    mappings, and one process through a whole profile ran out of them); the host side
+    builds the report from the journal."""
+    from testbed import guest
+
+    if not guest.available():
+        pytest.skip("no guest kernel (user-mode-linux) here")
+    doc = mutate(lambda d: d.update(kernel="uml", modes=[{"mode": "iptables", "backend": "legacy"}, {"mode": "ipvs", "scheduler": "rr"}]))
+    doc["sweep"]["services"] = [0, 50]
+    doc["traffic"]["requests"] = 60
+    doc["traffic"]["targets"] = [t for t in doc["traffic"]["targets"] if t["name"] in ("clusterip", "direct")]
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "testbed.experiment", "run", write(tmp_path, doc), "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["trials"]["done"] == 4 and m["guest_or_host"] == "guest"
+    assert m["guest"]["returncode"] == 0 and m["guest"]["host_cpu"] is not None
+    log = (out / "guest.log").read_text()
+    assert log.count("experiment tiny: 4 trials (4 to run)") == 1 and log.count("4 trials (2 to run)") == 1  # two guests
+    summary = pd.read_csv(out / "summary.csv")
+    assert set(summary["mode"]) == {"iptables", "ipvs"} and (summary["errors"] == 0).all()
+    assert not (out / "trials").exists() and (out / "report.md").stat().st_size > 0
+    assert "against direct" in (out / "report.md").read_text()

@@ -357,6 +357,7 @@ def control_comparisons(summary: pd.DataFrame, lt: pd.DataFrame) -> list[str]:
     if lt.empty or "via" not in summary.columns:
         return []
     vias = summary.drop_duplicates(["variant", "target"]).set_index(["variant", "target"])["via"]
+    modes = summary.drop_duplicates("variant").set_index("variant")["mode"] if "mode" in summary.columns else {}
     out = []
     for variant, g in lt.groupby("variant", sort=False):
         ctl = [r for _, r in g.iterrows() if vias.get((variant, r["target"])) == "pod" and r["services_max"] > r["services_min"]]
@@ -372,7 +373,9 @@ def control_comparisons(summary: pd.DataFrame, lt: pd.DataFrame) -> list[str]:
             out.append(
                 f"**{variant}**, {r['target']} against {c['target']} (the same pods straight to a backend, no Service): "
                 f"p50 grew {growth:+.0f} µs and {c_growth:+.0f} µs from {r['services_min']:,} to {r['services_max']:,} "
-                f"background Services: the Service path adds **{growth - c_growth:+.0f} µs** beyond what the direct path grew."
+                f"background Services: the Service path adds **{growth - c_growth:+.0f} µs** beyond what the direct path grew"
+                + (" (in iptables mode every new connection a node forwards walks KUBE-SERVICES, to a Service or not: "
+                   "the direct path pays the walk too)" if modes.get(variant) == "iptables" else "") + "."
             )
     return out
 

@@ -171,7 +171,9 @@ def test_demo_experiment_and_profiles_validate():
         modes = {v.mode for v in experiment.variants(loaded.spec)}
         assert modes == {"iptables", "ipvs", "nftables"}
     quick = experiment.load(str(ROOT / "experiments" / "ipvs_vs_iptables.yaml"), profile="quick").spec
-    assert max(quick.sweep.services) < 10000 and quick.repetitions == 1
+    assert max(quick.sweep.services) < 10000 and quick.repetitions == 2
+    # the demo carries its control: the same pods straight to a pod, no Service
+    assert [t.via for t in quick.traffic.targets] == ["clusterIP", "nodePort", "loadBalancer", "pod"]
 
 
 def test_manifest_machine_fields():

@@ -118,7 +118,7 @@ import dns.query
 import dns.rdatatype
 import dns.resolver
 
-from testbed import netns
+from testbed import endpointslices, netns
 from testbed.errors import InputError, KernelError
 from testbed.model import PREFIX, Cluster, ContainerPort, Pod
 
@@ -369,28 +369,17 @@ def endpoint_hostname(ep: dict[str, Any], address: str) -> str:
     return ep.get("hostname") or address.replace(".", "-").replace(":", "-")
 
 
-def _slices_by_service(cluster: Cluster) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """(namespace, Service name) -> its EndpointSlices (by the service-name label), in
-    the cluster's order: one pass, so the records of N Services cost O(N), not O(N^2)."""
-    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for sl in cluster.endpointslices:
-        meta = sl.get("metadata") or {}
-        svc = (meta.get("labels") or {}).get("kubernetes.io/service-name")
-        if svc is not None:
-            out.setdefault((meta.get("namespace") or "default", svc), []).append(sl)
-    return out
-
-
 def _ready_endpoints(cluster: Cluster, ns: str, name: str,
                      by_service: dict[tuple[str, str], list[dict[str, Any]]] | None = None
                      ) -> list[tuple[str, str, list[dict[str, Any]]]]:
     """(address, hostname, slice ports) of every ready endpoint of Service ns/name, from
     the EndpointSlices labelled with it (deduplicated, in slice order). ``by_service``:
-    :func:`_slices_by_service` of the cluster, when the caller asks for many Services."""
+    :func:`testbed.endpointslices.by_service` of the cluster's slices, when the caller
+    asks for many Services."""
     out: list[tuple[str, str, list[dict[str, Any]]]] = []
     seen: set[tuple[str, str]] = set()
     if by_service is None:
-        by_service = _slices_by_service(cluster)
+        by_service = endpointslices.by_service(cluster.endpointslices)
     for sl in by_service.get((ns, name), ()):
         if sl.get("addressType", "IPv4") != "IPv4":
             continue
@@ -430,7 +419,7 @@ def records(cluster: Cluster, domain: str = CLUSTER_DOMAIN) -> Records:
     from testbed.synthetic import _is_synthetic
 
     services = sorted((s for s in cluster.services if not _is_synthetic(s)), key=_key)
-    by_service = _slices_by_service(cluster)
+    by_service = endpointslices.by_service(cluster.endpointslices)
     endpoint_lines: list[tuple[str, str]] = []
     headless_first: list[tuple[str, str]] = []
     srv_by_name: dict[str, list[tuple[str, int]]] = {}

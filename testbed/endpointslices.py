@@ -66,6 +66,7 @@ __all__ = [
     "LABEL_HEADLESS",
     "CONTROLLER_NAME",
     "MAX_ENDPOINTS_PER_SLICE",
+    "by_service",
     "reconcile",
     "slices_for_service",
 ]
@@ -76,6 +77,19 @@ LABEL_HEADLESS = "service.kubernetes.io/headless"
 CONTROLLER_NAME = "endpointslice-controller.k8s.io"
 MAX_ENDPOINTS_PER_SLICE = 100
 LABEL_ZONE = "topology.kubernetes.io/zone"
+
+def by_service(slices: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
+    """(namespace, Service name) -> the EndpointSlices labelled with that Service
+    (``kubernetes.io/service-name``), in the given order; slices without the label are
+    left out. One pass: asking it once for many Services costs O(slices)."""
+    out: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for sl in slices:
+        meta = sl.get("metadata") or {}
+        svc = (meta.get("labels") or {}).get(LABEL_SERVICE_NAME)
+        if svc is not None:
+            out.setdefault((meta.get("namespace") or "default", svc), []).append(sl)
+    return out
+
 
 # k8s.io/apimachinery/pkg/util/rand: the alphabet generateName suffixes are drawn from
 # (no vowels, no confusable characters).

@@ -936,11 +936,10 @@ def probes(spec: Experiment, cluster) -> list[Probe]:  # noqa: ANN001
 
 
 def _ready_endpoints(cluster, ns: str, name: str) -> list[tuple[str, str]]:  # noqa: ANN001
+    from testbed import endpointslices
+
     out = set()
-    for sl in cluster.endpointslices:
-        m = sl.get("metadata") or {}
-        if (m.get("namespace") or "default") != ns or (m.get("labels") or {}).get("kubernetes.io/service-name") != name:
-            continue
+    for sl in endpointslices.by_service(cluster.endpointslices).get((ns, name), ()):
         for ep in sl.get("endpoints") or []:
             if (ep.get("conditions") or {}).get("ready", True) is False:
                 continue
@@ -952,11 +951,10 @@ def _ready_endpoints(cluster, ns: str, name: str) -> list[tuple[str, str]]:  # n
 def _pod_endpoint(cluster, ns: str, name: str, port: dict[str, Any]) -> tuple[str, str, int] | None:  # noqa: ANN001
     """(pod, IP, port) of the Service port's first ready endpoint (by pod name), from its
     EndpointSlices: where ``via: pod`` sends."""
+    from testbed import endpointslices
+
     found = []
-    for sl in cluster.endpointslices:
-        m = sl.get("metadata") or {}
-        if (m.get("namespace") or "default") != ns or (m.get("labels") or {}).get("kubernetes.io/service-name") != name:
-            continue
+    for sl in endpointslices.by_service(cluster.endpointslices).get((ns, name), ()):
         sport = next((p for p in sl.get("ports") or [] if (p.get("name") or "") == (port.get("name") or "")
                       and (p.get("protocol") or "TCP") == (port.get("protocol") or "TCP")), None)
         if sport is None or not sport.get("port"):
@@ -1053,28 +1051,24 @@ def run_trial(trial: Trial, spec: Experiment, cluster, backend: str | None, runt
         target = traffic.Target(pr.ip, pr.port, protocol=s["protocol"], path=f"/{pr.ask}", host_name=pr.host_name)
         seed = spec.seed * 1000 + trial.rep * 100 + k
         try:
-            if s["source_order"] == "sequential" and len(sources) > 1:
-                parts = []
-                for i, src in enumerate(sources):
-                    share = _share(s["requests"], len(sources), i)
-                    if share == 0:
-                        continue  # fewer requests than sources
-                    part = traffic.run(
-                        [src], target, connection=s["connection"], requests=share,
-                        duration=s["duration"] / len(sources) if s["duration"] else None, concurrency=s["concurrency"],
-                        rate=s["rate"], warmup=-(-s["warmup"] // len(sources)), timeout=s["timeout"],
-                        seed=seed * 100 + i, ask=pr.ask,
-                    )
-                    # one numbering over the target's passes: worker slots as in parallel order
-                    w = part["worker"]
-                    parts.append(part.assign(worker=w.where(w < 0, w * len(sources) + i)))
-                df = pd.concat(parts, ignore_index=True)
+            n = len(sources)
+            if s["source_order"] == "sequential" and n > 1:  # (sources, requests, duration, slots, warmup, seed)
+                runs = [([src], _share(s["requests"], n, i), s["duration"] / n if s["duration"] else None, s["concurrency"],
+                         -(-s["warmup"] // n), seed * 100 + i) for i, src in enumerate(sources)]
             else:
-                df = traffic.run(
-                    sources, target, connection=s["connection"], requests=s["requests"], duration=s["duration"],
-                    concurrency=s["concurrency"] * len(sources), rate=s["rate"], warmup=s["warmup"],
-                    timeout=s["timeout"], seed=seed, ask=pr.ask,
-                )
+                runs = [(sources, s["requests"], s["duration"], s["concurrency"] * n, s["warmup"], seed)]
+            parts = []
+            for i, (srcs, requests, duration, slots, warmup, run_seed) in enumerate(runs):
+                if requests == 0:
+                    continue  # fewer requests than sources
+                part = traffic.run(srcs, target, connection=s["connection"], requests=requests, duration=duration,
+                                   concurrency=slots, rate=s["rate"], warmup=warmup, timeout=s["timeout"], seed=run_seed,
+                                   ask=pr.ask)
+                if len(runs) > 1:  # one numbering over the target's passes: worker slots as in parallel order
+                    w = part["worker"]
+                    part = part.assign(worker=w.where(w < 0, w * n + i))
+                parts.append(part)
+            df = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
         except InputError as e:  # e.g. no DNS in this cluster: the probe is skipped, the reason kept
             skipped.append(f"{pr.target}: {e}")
             continue

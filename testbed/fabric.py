@@ -131,9 +131,9 @@ def _build(cluster: Cluster, progress: Progress) -> None:
         # port joining later (a new pod) can change it under its neighbours' ARP caches:
         # the gateway's MAC moves and traffic to it is lost until they re-resolve (5-8 s).
         # Set explicitly, the kernel keeps it (addr_assign_type NET_ADDR_SET).
-        sw.link("add", ifname="br0", kind="bridge", state="up", address=mac_for(gateway_ip(cluster)))
-        br0 = sw.link_lookup(ifname="br0")[0]
         gateway = gateway_ip(cluster)
+        sw.link("add", ifname="br0", kind="bridge", state="up", address=mac_for(gateway))
+        br0 = sw.link_lookup(ifname="br0")[0]
         sw.addr("add", index=br0, address=gateway, prefixlen=node_plen)
         done += 1
         progress("network", done, total)

@@ -16,6 +16,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from testbed import endpointslices
 from testbed.fabric import ETH0_INDEX, rtnl
 from testbed.model import Cluster
 
@@ -33,10 +34,7 @@ def announcing_nodes(cluster: Cluster, svc: dict[str, Any]) -> list[str]:
     meta = svc.get("metadata") or {}
     key = (meta.get("namespace") or "default", meta.get("name"))
     local_nodes = set()
-    for s in cluster.endpointslices:
-        m = s.get("metadata") or {}
-        if (m.get("namespace") or "default", (m.get("labels") or {}).get("kubernetes.io/service-name")) != key:
-            continue
+    for s in endpointslices.by_service(cluster.endpointslices).get(key, ()):
         for ep in s.get("endpoints") or []:
             if (ep.get("conditions") or {}).get("ready", True) is not False and ep.get("nodeName"):
                 local_nodes.add(ep["nodeName"])

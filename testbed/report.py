@@ -302,7 +302,8 @@ def latency_trend(summary: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
             verdict = "unclear"
         else:  # a change the trials' own variation explains
             verdict = "flat within the noise"
-        rows.append({"variant": variant, "target": target, "services_min": lo_n, "services_max": hi_n,
+        rows.append({"variant": variant, "target": target, "mode": g["mode"].iloc[0] if "mode" in g else None,
+                     "via": g["via"].iloc[0] if "via" in g else None, "services_min": lo_n, "services_max": hi_n,
                      "connect_p50_min_us": lo, "connect_p50_max_us": hi, "change": change, "mw_p": p, "mw_p_less": p_less,
                      "slope_us_per_1k": slope, "verdict": verdict})
     return pd.DataFrame(rows)
@@ -348,34 +349,31 @@ def sync_trend(sync: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def control_comparisons(summary: pd.DataFrame, lt: pd.DataFrame) -> list[str]:
+def control_comparisons(lt: pd.DataFrame) -> list[str]:
     """Per variant with a ``via: pod`` target (the control: the same sources straight to
-    a backend pod, no Service VIP): how much each ClusterIP/DNS target's p50 grew beyond
-    what the control grew over the same sizes. What grows on both paths is not the
-    Service dispatch (in iptables mode every new connection of a node walks
-    KUBE-SERVICES, Service or not)."""
-    if lt.empty or "via" not in summary.columns:
+    a backend pod, no Service VIP), from :func:`latency_trend`: how much each
+    ClusterIP/DNS target's p50 grew beyond what the control grew over the same sizes.
+    What grows on both paths is not the Service dispatch (in iptables mode every new
+    connection of a node walks KUBE-SERVICES, Service or not)."""
+    if lt.empty or "via" not in lt.columns:
         return []
-    vias = summary.drop_duplicates(["variant", "target"]).set_index(["variant", "target"])["via"]
-    modes = summary.drop_duplicates("variant").set_index("variant")["mode"] if "mode" in summary.columns else {}
     out = []
     for variant, g in lt.groupby("variant", sort=False):
-        ctl = [r for _, r in g.iterrows() if vias.get((variant, r["target"])) == "pod" and r["services_max"] > r["services_min"]]
-        if not ctl:
+        ctl = g[(g["via"] == "pod") & (g["services_max"] > g["services_min"])]
+        if ctl.empty:
             continue
-        c = ctl[0]
+        c = ctl.iloc[0]
         c_growth = c["connect_p50_max_us"] - c["connect_p50_min_us"]
-        for _, r in g.iterrows():
-            if vias.get((variant, r["target"])) not in ("clusterIP", "dns") or r["services_max"] != c["services_max"] \
-                    or r["services_min"] != c["services_min"]:
-                continue
+        same = g[g["via"].isin(["clusterIP", "dns"]) & (g["services_min"] == c["services_min"])
+                 & (g["services_max"] == c["services_max"])]
+        for _, r in same.iterrows():
             growth = r["connect_p50_max_us"] - r["connect_p50_min_us"]
             out.append(
                 f"**{variant}**, {r['target']} against {c['target']} (the same pods straight to a backend, no Service): "
                 f"p50 grew {growth:+.0f} µs and {c_growth:+.0f} µs from {r['services_min']:,} to {r['services_max']:,} "
                 f"background Services: the Service path adds **{growth - c_growth:+.0f} µs** beyond what the direct path grew"
                 + (" (in iptables mode every new connection a node forwards walks KUBE-SERVICES, to a Service or not: "
-                   "the direct path pays the walk too)" if modes.get(variant) == "iptables" else "") + "."
+                   "the direct path pays the walk too)" if r["mode"] == "iptables" else "") + "."
             )
     return out
 
@@ -394,7 +392,7 @@ def conclusions(summary: pd.DataFrame, sync: pd.DataFrame, samples: pd.DataFrame
             f"{r['mw_p_less'] if r['verdict'] == 'falls' else r['mw_p']:.2g}): "
             f"**{r['verdict']}**."
         )
-    out += control_comparisons(summary, lt)
+    out += control_comparisons(lt)
     fv = fairness_verdicts(summary)
     for _, r in fv.iterrows():
         what = {

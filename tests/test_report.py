@@ -173,7 +173,7 @@ def test_the_control_path_is_subtracted():
             frames.append(ctl.assign(target="direct", via="pod", backend="myapp-a", expected_backends="myapp-a"))
     samples = pd.concat(frames, ignore_index=True)
     summary = report.summarize(samples)
-    lines = report.control_comparisons(summary, report.latency_trend(summary, samples))
+    lines = report.control_comparisons(report.latency_trend(summary, samples))
     assert len(lines) == 2
     ipvs = next(x for x in lines if x.startswith("**ipvs rr**, clusterip against direct"))
     ipt = next(x for x in lines if x.startswith("**iptables (legacy)**, clusterip against direct"))

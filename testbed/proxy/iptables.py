@@ -410,7 +410,7 @@ def render_iptables_sync(
     for spn in sorted(services):
         svc = services[spn]
         proto = svc.protocol.lower()
-        name = f"{spn.namespace}/{spn.name}:{spn.port_name}" if spn.port_name else f"{spn.namespace}/{spn.name}"  # str(spn)
+        name = str(spn)
         h = port_proto_hash(name, proto)
         svc_chain = SVC_PREFIX + h
         svl_chain = SVL_PREFIX + h

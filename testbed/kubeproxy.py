@@ -34,12 +34,14 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 
 from testbed import netns
 from testbed.errors import InputError, KernelError
 from testbed.model import Cluster, Node
 from testbed.proxy import servicemap
+from testbed.proxy.types import Endpoint, ServicePort
 from testbed.proxy.iptables import (
     CANARY_CHAIN,
     CANARY_TABLES,
@@ -114,12 +116,18 @@ class SyncResult:
     deleted_chains: int
 
 
-def _fields(obj) -> tuple:  # noqa: ANN001
-    """A frozen slots dataclass as a tuple of its fields, sets sorted (``repr`` of a
-    frozenset depends on the process's string-hash seed)."""
-    return tuple(
-        tuple(sorted(v)) if isinstance(v, frozenset) else v for v in (getattr(obj, f) for f in obj.__slots__)
-    )
+_SERVICE_PORT_FIELDS = attrgetter(*ServicePort.__slots__)
+#: an Endpoint's fields but ``endpoint`` (``ip:port``, derived from two of them)
+_ENDPOINT_FIELDS = attrgetter(*(f for f in Endpoint.__slots__ if f != "endpoint"))
+
+
+def _endpoint_fields(ep: Endpoint) -> tuple:
+    """An Endpoint as a tuple of its fields, hint sets sorted (``repr`` of a frozenset
+    depends on the process's string-hash seed)."""
+    t = _ENDPOINT_FIELDS(ep)
+    if t[-1] is not None or t[-2] is not None:
+        t = tuple(tuple(sorted(v)) if isinstance(v, frozenset) else v for v in t)
+    return t
 
 
 def service_fingerprints(services, endpoints) -> dict[str, str]:  # noqa: ANN001
@@ -128,14 +136,18 @@ def service_fingerprints(services, endpoints) -> dict[str, str]:  # noqa: ANN001
     ``UpdatedServices`` (its ServicePorts or its endpoints changed; added or deleted):
     the Services a partial sync rewrites, in every mode. The digest is the same in every
     process, so it can be kept in the state file."""
-    groups: dict[str, list] = {}
+    groups: dict[tuple[str, str], list] = {}
     for spn, sp in services.items():
-        groups.setdefault(f"{spn.namespace}/{spn.name}", []).append((0, spn.port_name, spn.protocol, _fields(sp)))
+        groups.setdefault((spn.namespace, spn.name), []).append((0, spn.port_name, spn.protocol, _SERVICE_PORT_FIELDS(sp)))
     for spn, eps in endpoints.items():
-        groups.setdefault(f"{spn.namespace}/{spn.name}", []).append(
-            (1, spn.port_name, spn.protocol, tuple(_fields(e) for e in eps))
+        groups.setdefault((spn.namespace, spn.name), []).append(
+            (1, spn.port_name, spn.protocol, tuple(map(_endpoint_fields, eps)))
         )
-    return {k: hashlib.blake2b(repr(sorted(v)).encode(), digest_size=8).hexdigest() for k, v in groups.items()}
+    b2 = hashlib.blake2b
+    return {
+        f"{k[0]}/{k[1]}": b2(repr(sorted(v) if len(v) > 1 else v).encode(), digest_size=8).hexdigest()
+        for k, v in groups.items()
+    }
 
 
 class IPTablesProxier:

@@ -41,7 +41,7 @@ __all__ = ["build", "main_report", "summarize", "sync_table", "conclusions", "lo
 TRIAL_KEYS = ["trial", "kernel", "variant", "mode", "proxy_backend", "scheduler", "services", "services_total", "endpoints", "rep"]
 SUMMARY_COLUMNS = [
     *TRIAL_KEYS, "target", "via", "entry", "protocol", "connection", "requests", "errors", "error_rate", "rps",
-    "connect_p50_us", "connect_p90_us", "connect_p99_us", "connect_p999_us",
+    "connect_p10_us", "connect_p50_us", "connect_p90_us", "connect_p99_us", "connect_p999_us",
     "p50_us", "p90_us", "p99_us", "p999_us", "mean_us",
     "backends", "expected_backends", "unexpected", "jain", "cov", "max_min", "max_dev", "chi2", "chi2_p",
     "src_preserved", "affinity", "dispatch_position", "dispatch_total",
@@ -56,6 +56,16 @@ PLOTS = {
 }
 IPVS_OBJECT_COLUMNS = ("ipvs_virtual_servers", "ipvs_real_servers", "ipset_entries", "bound_addresses")
 GROWTH = 0.10  # a change below 10 % (or 2 µs) is "flat"
+#: The connect-time percentile the latency trends compare. On this machine (a VM) connect
+#: times switch every ~10-20 ms between a fast and a ~1.7x slower level, on every path
+#: alike (the same ClusterIP path: stretches of ~155 and of ~270 us in the guest kernel);
+#: it comes from outside the experiment (the hypervisor's scheduling, we take it). A
+#: trial's p50 then mostly says how much of it fell in slow stretches (p50s of two
+#: repetitions of one trial differed by up to 57 % in the committed guest sample); its p10
+#: is the fast level (repetitions within ~6 %, most within 2 %). The tables still give
+#: p50 and p99.
+TREND_Q = 10
+TREND_COL = f"connect_p{TREND_Q}_us"
 
 
 # --------------------------------------------------------------------------- raw rows
@@ -124,6 +134,9 @@ def _span_rps(g: pd.DataFrame) -> float:
     return float(len(g) / span) if span > 0 else math.nan
 
 
+CONNECT_PERCENTILES = {f"p{TREND_Q}": float(TREND_Q), **stats.PERCENTILES}
+
+
 def _summary_row(g: pd.DataFrame, src: pd.DataFrame | None) -> dict[str, Any]:
     """One summary row from the measured (non-warmup) rows of one probe."""
     ok = g[g["error"] == ""]
@@ -133,7 +146,7 @@ def _summary_row(g: pd.DataFrame, src: pd.DataFrame | None) -> dict[str, Any]:
     }
     row["error_rate"] = row["errors"] / row["requests"] if row["requests"] else math.nan
     row["rps"] = _span_rps(g)
-    for k, v in stats.percentiles(ok["connect_us"].to_numpy(dtype=float)).items():
+    for k, v in stats.percentiles(ok["connect_us"].to_numpy(dtype=float), CONNECT_PERCENTILES).items():
         row[f"connect_{k}_us"] = v
     for k, v in stats.percentiles(ok["total_us"].to_numpy(dtype=float)).items():
         row[f"{k}_us"] = v
@@ -239,23 +252,24 @@ BLOCKS, BLOCK_MIN = 10, 20
 GROWTH_P = 0.01
 
 
-def block_medians(connect_us: pd.Series, start_ns: pd.Series) -> np.ndarray:
-    """The connect-time medians of up to :data:`BLOCKS` consecutive blocks of one
-    trial's requests, in start order. Connect times come in stretches (measured in the
-    guest kernel: runs of ~90 and of ~300 us lasting seconds), so neighbouring requests
-    are not independent samples; blocks of them are much closer to that."""
+def block_stats(connect_us: pd.Series, start_ns: pd.Series, q: float = TREND_Q) -> np.ndarray:
+    """The connect-time ``q``-th percentiles (nearest rank) of up to :data:`BLOCKS`
+    consecutive blocks of one trial's requests, in start order. Connect times come in
+    stretches (the machine's speed states, see :data:`TREND_Q`), so neighbouring
+    requests are not independent samples; blocks of them are much closer to that."""
     order = np.argsort(start_ns.to_numpy(), kind="stable")
     v = connect_us.to_numpy(dtype=float)[order]
     v = v[~np.isnan(v)]
     k = max(1, min(BLOCKS, len(v) // BLOCK_MIN))
-    return np.array([np.median(b) for b in np.array_split(v, k) if len(b)])
+    key = f"p{q:g}"
+    return np.array([stats.percentiles(b, {key: float(q)})[key] for b in np.array_split(v, k) if len(b)])
 
 
 def latency_trend(summary: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
-    """Per variant and target: connect p50 at the fewest and most Services (median
-    over repetitions), relative change, Mann-Whitney U (one-sided: larger at most
-    Services) on the block medians (:func:`block_medians`) of every trial at those
-    sizes, slope per 1,000 Services, verdict."""
+    """Per variant and target: connect p10 (:data:`TREND_Q`) at the fewest and most
+    Services (median over repetitions), relative change, Mann-Whitney U (one-sided:
+    larger at most Services) on the block p10s (:func:`block_stats`) of every trial at
+    those sizes, slope per 1,000 Services, verdict."""
     if summary.empty:
         return pd.DataFrame()
     s = summary[summary["entry"] == "all"] if (summary["entry"] == "all").any() else summary
@@ -264,7 +278,7 @@ def latency_trend(summary: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
     from scipy import stats as sps
 
     for (variant, target), g in s.groupby(["variant", "target"], sort=False):
-        per_n = g.groupby("services")["connect_p50_us"].median().sort_index()
+        per_n = g.groupby("services")[TREND_COL].median().sort_index()
         if per_n.empty or per_n.isna().all():
             continue
         lo_n, hi_n = int(per_n.index.min()), int(per_n.index.max())
@@ -276,7 +290,7 @@ def latency_trend(summary: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
             mine = m[(m["variant"] == variant) & (m["target"] == target)]
 
             def blocks(n: int) -> np.ndarray:
-                parts = [block_medians(t["connect_us"], t["start_ns"]) for _, t in mine[mine["services"] == n].groupby("trial")]
+                parts = [block_stats(t["connect_us"], t["start_ns"]) for _, t in mine[mine["services"] == n].groupby("trial")]
                 return np.concatenate(parts) if parts else np.array([])
 
             a, b = blocks(lo_n), blocks(hi_n)
@@ -286,7 +300,7 @@ def latency_trend(summary: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
                 p = float(sps.mannwhitneyu(b, a, alternative="greater").pvalue)
                 p_less = float(sps.mannwhitneyu(b, a, alternative="less").pvalue)
             x = g["services"].to_numpy(dtype=float)
-            y = g["connect_p50_us"].to_numpy(dtype=float)
+            y = g[TREND_COL].to_numpy(dtype=float)
             ok = ~np.isnan(y)
             if ok.sum() >= 2 and np.ptp(x[ok]) > 0:
                 slope = float(np.polyfit(x[ok], y[ok], 1)[0] * 1000)
@@ -304,7 +318,7 @@ def latency_trend(summary: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
             verdict = "flat within the noise"
         rows.append({"variant": variant, "target": target, "mode": g["mode"].iloc[0] if "mode" in g else None,
                      "via": g["via"].iloc[0] if "via" in g else None, "services_min": lo_n, "services_max": hi_n,
-                     "connect_p50_min_us": lo, "connect_p50_max_us": hi, "change": change, "mw_p": p, "mw_p_less": p_less,
+                     "connect_min_us": lo, "connect_max_us": hi, "change": change, "mw_p": p, "mw_p_less": p_less,
                      "slope_us_per_1k": slope, "verdict": verdict})
     return pd.DataFrame(rows)
 
@@ -352,7 +366,7 @@ def sync_trend(sync: pd.DataFrame) -> pd.DataFrame:
 def control_comparisons(lt: pd.DataFrame) -> list[str]:
     """Per variant with a ``via: pod`` target (the control: the same sources straight to
     a backend pod, no Service VIP), from :func:`latency_trend`: how much each
-    ClusterIP/DNS target's p50 grew beyond what the control grew over the same sizes.
+    ClusterIP/DNS target's p10 grew beyond what the control grew over the same sizes.
     What grows on both paths is not the Service dispatch (in iptables mode every new
     connection of a node walks KUBE-SERVICES, Service or not)."""
     if lt.empty or "via" not in lt.columns:
@@ -363,14 +377,14 @@ def control_comparisons(lt: pd.DataFrame) -> list[str]:
         if ctl.empty:
             continue
         c = ctl.iloc[0]
-        c_growth = c["connect_p50_max_us"] - c["connect_p50_min_us"]
+        c_growth = c["connect_max_us"] - c["connect_min_us"]
         same = g[g["via"].isin(["clusterIP", "dns"]) & (g["services_min"] == c["services_min"])
                  & (g["services_max"] == c["services_max"])]
         for _, r in same.iterrows():
-            growth = r["connect_p50_max_us"] - r["connect_p50_min_us"]
+            growth = r["connect_max_us"] - r["connect_min_us"]
             out.append(
                 f"**{variant}**, {r['target']} against {c['target']} (the same pods straight to a backend, no Service): "
-                f"p50 grew {growth:+.0f} µs and {c_growth:+.0f} µs from {r['services_min']:,} to {r['services_max']:,} "
+                f"p{TREND_Q} grew {growth:+.0f} µs and {c_growth:+.0f} µs from {r['services_min']:,} to {r['services_max']:,} "
                 f"background Services: the Service path adds **{growth - c_growth:+.0f} µs** beyond what the direct path grew"
                 + (" (in iptables mode every new connection a node forwards walks KUBE-SERVICES, to a Service or not: "
                    "the direct path pays the walk too)" if r["mode"] == "iptables" else "") + "."
@@ -386,8 +400,8 @@ def conclusions(summary: pd.DataFrame, sync: pd.DataFrame, samples: pd.DataFrame
         if r["verdict"] == "one size only":
             continue
         out.append(
-            f"**{r['variant']}**, {r['target']}: first-packet (connect) p50 {_fmt_us(r['connect_p50_min_us'])} at "
-            f"{r['services_min']:,} → {_fmt_us(r['connect_p50_max_us'])} at {r['services_max']:,} background Services "
+            f"**{r['variant']}**, {r['target']}: first-packet (connect) p{TREND_Q} {_fmt_us(r['connect_min_us'])} at "
+            f"{r['services_min']:,} → {_fmt_us(r['connect_max_us'])} at {r['services_max']:,} background Services "
             f"({r['change']:+.0%}, {r['slope_us_per_1k']:+.2f} µs per 1,000 Services; Mann-Whitney p = "
             f"{r['mw_p_less'] if r['verdict'] == 'falls' else r['mw_p']:.2g}): "
             f"**{r['verdict']}**."
@@ -477,12 +491,12 @@ def plot_all(dir_: Path, summary: pd.DataFrame, samples: pd.DataFrame, sync: pd.
                 g = s_all[(s_all["target"] == t) & (s_all["variant"] == v)]
                 if g.empty:
                     continue
-                for q, ls in (("connect_p50_us", "-"), ("connect_p99_us", "--")):
+                for q, ls in ((TREND_COL, "-"), ("connect_p50_us", "--"), ("connect_p99_us", ":")):
                     agg = g.groupby("services")[q].agg(["median", "min", "max"]).sort_index()
                     ax.errorbar(agg.index, agg["median"], yerr=[agg["median"] - agg["min"], agg["max"] - agg["median"]],
                                 ls=ls, marker="o", ms=3, color=col[v], capsize=2, label=f"{v} {q.split('_')[1]}")
             _xscale(ax, s_all["services"])
-            ax.set_yscale("log")  # p50 and a noisy p99 on one axis
+            ax.set_yscale("log")  # p10, p50 and a noisy p99 on one axis
             ax.set_title(t)
             ax.set_xlabel("background Services")
             ax.set_ylabel("connect latency (µs, log)")
@@ -641,10 +655,13 @@ def render_md(dir_: Path, summary: pd.DataFrame, sync: pd.DataFrame, samples: pd
     if status != "complete":
         lines.append(f"- **Incomplete run**: only finished trials are shown; continue with `testbed run --resume {dir_}`.")
     lines.append("")
-    lines += ["## Conclusions", "", "Computed from the tables below (thresholds: a change under 10 % or 2 µs is *flat*; "
-              f"*grows* also needs Mann-Whitney p < {GROWTH_P:g} on the medians of {BLOCKS} consecutive blocks of "
-              "each trial's connect times: neighbouring requests share the machine's state, so they are not "
-              "independent samples).", ""]
+    lines += ["## Conclusions", "", f"Computed from the tables below. Latency trends compare each trial's connect p{TREND_Q}: "
+              "on a virtual machine connect times switch every ~10-20 ms between a fast and a ~1.7x slower level, on "
+              "every path alike (an effect from outside the experiment), so a trial's p50 mostly says how much of it fell in the "
+              f"slow stretches, while its p{TREND_Q} is the fast level and repeats within a few percent. Thresholds: a change "
+              f"under 10 % or 2 µs is *flat*; *grows* also needs Mann-Whitney p < {GROWTH_P:g} on the p{TREND_Q}s of "
+              f"{BLOCKS} consecutive blocks of each trial's connect times (neighbouring requests share the machine's "
+              "state, so they are not independent samples).", ""]
     concl = conclusions(summary, sync, samples)
     lines += [f"- {c}" for c in concl] or ["- (not enough data for conclusions)"]
     lines.append("")
@@ -658,12 +675,13 @@ def render_md(dir_: Path, summary: pd.DataFrame, sync: pd.DataFrame, samples: pd
     if not s.empty:
         agg = s.groupby(["variant", "target", "services"], sort=False).agg(
             reps=("rep", "count"), requests=("requests", "median"), errors=("errors", "sum"), rps=("rps", "median"),
+            **{TREND_COL: (TREND_COL, "median")},
             connect_p50_us=("connect_p50_us", "median"), connect_p99_us=("connect_p99_us", "median"),
             p50_us=("p50_us", "median"), p99_us=("p99_us", "median"), jain=("jain", "median"), chi2_p=("chi2_p", "median"),
             max_dev=("max_dev", "median"), src_preserved=("src_preserved", "median")).reset_index()
         lines.append(_md_table(agg, list(agg.columns), {"jain": "{:.4f}", "chi2_p": "{:.3f}", "rps": "{:,.0f}",
                                                         "requests": "{:,.0f}", "src_preserved": "{:.2f}",
-                                                        **{c: "{:.1f}" for c in ("connect_p50_us", "connect_p99_us", "p50_us", "p99_us", "max_dev")}}))
+                                                        **{c: "{:.1f}" for c in (TREND_COL, "connect_p50_us", "connect_p99_us", "p50_us", "p99_us", "max_dev")}}))
     per_node = summary[summary["entry"] != "all"]
     if not per_node.empty:
         lines += ["", "### Per node", ""]

@@ -392,6 +392,30 @@ def control_comparisons(lt: pd.DataFrame) -> list[str]:
     return out
 
 
+def relative_growth(lt: pd.DataFrame) -> list[str]:
+    """Per target where an iptables variant's latency grows: how fast every other
+    variant's grew on the same target, as a fraction of iptables' slope (µs per 1,000
+    Services over the same sizes)."""
+    if lt.empty or "mode" not in lt.columns:
+        return []
+    out = []
+    for target, g in lt.groupby("target", sort=False):
+        base = g[(g["mode"] == "iptables") & (g["verdict"] == "grows") & (g["slope_us_per_1k"] > 0)]
+        if base.empty:
+            continue
+        b = base.iloc[0]
+        for _, r in g[(g["mode"] != "iptables") & (g["services_min"] == b["services_min"])
+                      & (g["services_max"] == b["services_max"])].iterrows():
+            if math.isnan(r["slope_us_per_1k"]):
+                continue
+            out.append(
+                f"**{r['variant']}**, {target}: {r['slope_us_per_1k']:+.2f} µs per 1,000 Services, "
+                f"{r['slope_us_per_1k'] / b['slope_us_per_1k']:.2f}× the growth of {b['variant']} on the same path "
+                f"({b['slope_us_per_1k']:+.2f} µs per 1,000)."
+            )
+    return out
+
+
 def conclusions(summary: pd.DataFrame, sync: pd.DataFrame, samples: pd.DataFrame) -> list[str]:
     """Sentences computed from the tables (the report's "Conclusions")."""
     out: list[str] = []
@@ -406,6 +430,7 @@ def conclusions(summary: pd.DataFrame, sync: pd.DataFrame, samples: pd.DataFrame
             f"{r['mw_p_less'] if r['verdict'] == 'falls' else r['mw_p']:.2g}): "
             f"**{r['verdict']}**."
         )
+    out += relative_growth(lt)
     out += control_comparisons(lt)
     fv = fairness_verdicts(summary)
     for _, r in fv.iterrows():

@@ -719,26 +719,32 @@ def _engine(plan: _Plan, t0: int, record: bool = True) -> dict[str, Any]:
             drop(i)
         idle.append(i)
 
-    def start(i: int, sched: int) -> None:
+    def start(i: int, sched: int) -> bool:
         """Start slot i's next request; ``sched`` is its scheduled arrival (open
         loop) or -1 (closed loop: no lag). The request starts (``start_ns``) just
         before send() on a kept connection, else just before the name lookup or
-        connect(): creating the socket is the generator's cost, not the path's."""
+        connect(): creating the socket is the generator's cost, not the path's.
+        Closed loop: a request whose start stamp would fall at or after the end of a
+        timed run is not started (False; the slot's socket is closed)."""
         nonlocal inflight, cur_src
         t_res[i] = -1
         t_conn[i] = -1
         inflight += 1
         s = socks[i]
         if s is not None:  # keep-alive: the next request on the open connection
-            ts = t_start[i] = clock()
+            ts = clock()
+            if sched < 0 and run_end is not None and ts >= run_end:
+                inflight -= 1
+                return False
+            t_start[i] = ts
             t_sched[i] = sched if sched >= 0 else ts
             try:
                 s.send(payload)
             except OSError as e:
                 finish(i, clock(), 0, 0, None, errno.errorcode.get(e.errno or 0, "EIO"))
-                return
+                return True
             phase[i] = 2
-            return
+            return True
         src = slot_src[i]
         if src != cur_src:
             fd = ns_fds.get(src)
@@ -752,7 +758,7 @@ def _engine(plan: _Plan, t0: int, record: bool = True) -> dict[str, Any]:
             ts = t_start[i] = clock()
             t_sched[i] = sched if sched >= 0 else ts
             finish(i, ts, 0, 0, None, errno.errorcode.get(e.errno or 0, "EIO"))
-            return
+            return True
         socks[i] = s
         fd = s.fileno()
         fdslot[fd] = i
@@ -764,7 +770,11 @@ def _engine(plan: _Plan, t0: int, record: bool = True) -> dict[str, Any]:
             bind = sources[src].bind_ip
             if bind is not None:
                 s.bind((bind, 0))
-            ts = t_start[i] = clock()
+            ts = clock()
+            if sched < 0 and run_end is not None and ts >= run_end:
+                inflight -= 1
+                return False
+            t_start[i] = ts
             t_sched[i] = sched if sched >= 0 else ts
             if host_name is not None:
                 try:
@@ -773,7 +783,7 @@ def _engine(plan: _Plan, t0: int, record: bool = True) -> dict[str, Any]:
                     now = clock()
                     t_res[i] = now - ts
                     finish(i, now, 0, 0, None, _resolve_error(e))
-                    return
+                    return True
                 t_res[i] = clock() - ts
             c0 = t_c0[i] = clock()
             rc = s.connect_ex(addr)
@@ -783,19 +793,19 @@ def _engine(plan: _Plan, t0: int, record: bool = True) -> dict[str, Any]:
                 t_start[i] = now
                 t_sched[i] = sched if sched >= 0 else now
             finish(i, now, 0, 0, None, errno.errorcode.get(e.errno or 0, "EIO"))
-            return
+            return True
         if rc and rc != errno.EINPROGRESS:
             finish(i, clock(), 0, 0, None, errno.errorcode.get(rc, "EIO"))
-            return
+            return True
         if is_udp:
             try:
                 s.send(payload)
             except OSError as e:
                 finish(i, clock(), 0, 0, None, errno.errorcode.get(e.errno or 0, "EIO"))
-                return
+                return True
             ep.register(fd, _EIN)
             phase[i] = 2
-            return
+            return True
         c1 = clock()
         try:
             if is_tcponly:
@@ -805,20 +815,21 @@ def _engine(plan: _Plan, t0: int, record: bool = True) -> dict[str, Any]:
         except (BlockingIOError, InterruptedError):
             ep.register(fd, _EOUT)
             phase[i] = 1
-            return
+            return True
         except OSError as e:
             if e.errno == errno.ENOTCONN:
                 ep.register(fd, _EOUT)
                 phase[i] = 1
-                return
+                return True
             finish(i, clock(), 0, 0, None, errno.errorcode.get(e.errno or 0, "EIO"))
-            return
+            return True
         t_conn[i] = c1 - c0
         if is_tcponly:
             finish(i, c1, 0, 0, None, "")
-            return
+            return True
         ep.register(fd, _EIN)
         phase[i] = 2
+        return True
 
     def on_response(i: int, data: bytes, now: int) -> None:
         """Data arrived for slot i's request; finish it once the response is whole."""
@@ -892,7 +903,10 @@ def _engine(plan: _Plan, t0: int, record: bool = True) -> dict[str, Any]:
                         continue
                     if left is not None:
                         left[i] -= 1
-                    start(i, -1)
+                    if not start(i, -1):  # the run ended while the socket was made
+                        stopped = True
+                        drop(i)
+                        continue
                     if phase[i]:
                         dl_put((t_start[i] + timeout_ns, i, t_start[i]))
                     if n_rows + inflight >= max_rows:
@@ -1092,6 +1106,8 @@ def _engine_single(plan: _Plan, t0: int, record: bool = True) -> dict[str, Any]:
                     except OSError as e:
                         err = ecode.get(e.errno or 0, "EIO")
                     ts = clock()
+                    if sched < 0 and run_end is not None and ts >= run_end:
+                        break  # the run ended while the socket was made: not started (closed below)
                     addr = addr0
                     if not err and resolve is not None:
                         try:

@@ -225,3 +225,13 @@ def test_trials_folder_is_gathered_in_journal_order(results):
     report.build(results, final=True)
     assert not tdir.exists()
     assert len(pd.read_parquet(results / "samples.parquet")) == len(got)
+
+
+def test_relative_growth_against_iptables(results):
+    """Each other mode's slope as a fraction of iptables' on the same target."""
+    samples = pd.read_parquet(results / "samples.parquet")
+    lines = report.relative_growth(report.latency_trend(report.summarize(samples), samples))
+    assert len(lines) == 1 and lines[0].startswith("**ipvs rr**, clusterip: ")
+    frac = float(lines[0].split("µs per 1,000 Services, ")[1].split("×")[0])
+    assert abs(frac) < 0.2  # the fixture's ipvs has no growth, its iptables +10 us per 1,000
+    assert "the growth of iptables (legacy) on the same path" in lines[0]

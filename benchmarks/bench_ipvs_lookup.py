@@ -10,8 +10,8 @@ Inside one fresh guest: namespaces ``client`` -> ``router`` -> ``server`` (veths
 ``router`` has IPVS virtual service ``10.96.0.10:80`` (NAT, rr) to the server and the
 address on a dummy ``kube-ipvs0``, as kube-proxy's ipvs mode programs a ClusterIP. A
 closed loop of connects from ``client`` to the VIP (SO_LINGER 0, no data; a bounded
-number per state) measures connect times in four states, in rounds (A, B, C, D, A, B,
-C, D, ...), so slow stretches of the machine hit every state alike:
+number per state) measures connect times in five states, in rounds (A, B, C, D, E, A,
+B, ...), so slow stretches of the machine hit every state alike:
 
 * **A** only the probed virtual service;
 * **B** plus ``--services`` more virtual services (ClusterIP:80, one real server
@@ -19,7 +19,11 @@ C, D, ...), so slow stretches of the machine hit every state alike:
 * **C** the same number in each of two *other* namespaces (nothing in ``router``
   but the probed one): what the other emulated nodes' kube-proxies add;
 * **D** no more virtual services, but ``--services`` more /32 addresses on
-  ``router``'s ``kube-ipvs0`` (kube-proxy binds every ClusterIP there).
+  ``router``'s ``kube-ipvs0`` (kube-proxy binds every ClusterIP there);
+* **E** the same addresses on a ``kube-ipvs0`` in each of the two other namespaces
+  (nothing more in ``router``): the other emulated nodes' bound ClusterIPs. In this
+  kernel (6.1) the IPv4 address hash table (``inet_addr_lst``, 256 buckets) is one for
+  all network namespaces; kernels from 6.10 on have one per namespace.
 
 Printed per state: connect p10 / p25 / p50 (µs) over all rounds and each round's
 p10. Mirrors kube-proxy's ipvs mode in the shape of what it programs (one virtual
@@ -44,6 +48,8 @@ def sh(*a, inp=None):
     subprocess.run(a, input=inp, text=True, check=True, capture_output=True)
 for n in ("client", "router", "server", "other1", "other2"):
     sh("ip", "netns", "add", n); sh("ip", "-n", n, "link", "set", "lo", "up")
+for n in ("other1", "other2"):
+    sh("ip", "-n", n, "link", "add", "kube-ipvs0", "type", "dummy")
 sh("ip", "link", "add", "c0", "netns", "client", "type", "veth", "peer", "name", "r0", "netns", "router")
 sh("ip", "link", "add", "s0", "netns", "server", "type", "veth", "peer", "name", "r1", "netns", "router")
 for ns, dev, addr in (("client", "c0", "10.1.0.2/24"), ("router", "r0", "10.1.0.1/24"),
@@ -87,18 +93,20 @@ def measure():
         if time.monotonic() > deadline:
             break
     return out[50:]
-res = {"A": [], "B": [], "C": [], "D": []}
-rounds = {"A": [], "B": [], "C": [], "D": []}
+res = {s: [] for s in "ABCDE"}
+rounds = {s: [] for s in "ABCDE"}
 def pct(v, q):
     v = sorted(v); return v[max(0, min(len(v) - 1, int(round(q / 100 * len(v) + 0.5)) - 1))]
 for r in range(ROUNDS):
-    for state in "ABCD":
+    for state in "ABCDE":
         if state == "B":
             fill("router")
         elif state == "C":
             fill("other1"); fill("other2")
         elif state == "D":
             sh("ip", "-n", "router", "-batch", "-", inp=ADDRS)
+        elif state == "E":
+            sh("ip", "-n", "other1", "-batch", "-", inp=ADDRS); sh("ip", "-n", "other2", "-batch", "-", inp=ADDRS)
         v = measure()
         res[state] += v; rounds[state].append(pct(v, 10))
         if state == "B":
@@ -107,10 +115,13 @@ for r in range(ROUNDS):
             clear("other1", False); clear("other2", False)
         elif state == "D":
             sh("ip", "-n", "router", "-batch", "-", inp=ADDRS.replace("address add", "address del"))
+        elif state == "E":
+            for n in ("other1", "other2"):
+                sh("ip", "-n", n, "-batch", "-", inp=ADDRS.replace("address add", "address del"))
         print(f"round {r + 1} {state}: p10 {pct(v, 10):.0f} us", flush=True)
 srv.kill()
 for state, label in (("A", "probe only"), ("B", f"+{N} in the same namespace"), ("C", f"+{N} in each of 2 other namespaces"),
-                     ("D", f"+{N} addresses on kube-ipvs0")):
+                     ("D", f"+{N} addresses on kube-ipvs0"), ("E", f"+{N} addresses in each of 2 other namespaces")):
     v = res[state]
     print(f"{state} {label:38s} p10 {pct(v, 10):6.0f}  p25 {pct(v, 25):6.0f}  p50 {pct(v, 50):6.0f} us  "
           f"rounds p10: {' '.join(f'{x:.0f}' for x in rounds[state])}", flush=True)
@@ -120,7 +131,7 @@ for state, label in (("A", "probe only"), ("B", f"+{N} in the same namespace"), 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--services", type=int, default=10000, help="virtual services added per namespace (default 10000)")
-    ap.add_argument("--rounds", type=int, default=4, help="A/B/C/D rounds (default 4)")
+    ap.add_argument("--rounds", type=int, default=4, help="A/B/C/D/E rounds (default 4)")
     ap.add_argument("--per-state", type=int, default=1500, help="connects per state and round (default 1500)")
     ap.add_argument("--timeout", type=float, default=900, help="bound on the whole guest run, s")
     a = ap.parse_args()

@@ -392,6 +392,20 @@ def control_comparisons(lt: pd.DataFrame) -> list[str]:
     return out
 
 
+#: What the demo's IPVS growth was traced to (benchmarks/bench_ipvs_growth.py and
+#: bench_ipvs_lookup.py, guest kernel 6.1): printed under the conclusions when an ipvs
+#: variant's latency grows.
+IPVS_ADDRESS_NOTE = (
+    "Note on ipvs mode in this emulation: kube-proxy binds every ClusterIP to each node's `kube-ipvs0`, and the "
+    "emulated nodes share one kernel. Traced in the guest kernel (`benchmarks/bench_ipvs_growth.py`): on the demo "
+    "cluster at 10,000 Services, removing the background's `kube-ipvs0` addresses by hand takes the ClusterIP and "
+    "direct paths back to their 1-Service level, while removing its IPVS virtual services or ipset entries changes "
+    "nothing; and (`benchmarks/bench_ipvs_lookup.py`) addresses bound in *other* namespaces slow a connect that never "
+    "touches them (this kernel's IPv4 address table is shared by all namespaces), so each emulated node also pays for "
+    "the other nodes' addresses, which a node with its own kernel would not."
+)
+
+
 def relative_growth(lt: pd.DataFrame) -> list[str]:
     """Per target where an iptables variant's latency grows: how fast every other
     variant's grew on the same target, as a fraction of iptables' slope (µs per 1,000
@@ -432,6 +446,8 @@ def conclusions(summary: pd.DataFrame, sync: pd.DataFrame, samples: pd.DataFrame
         )
     out += relative_growth(lt)
     out += control_comparisons(lt)
+    if not lt.empty and ((lt["mode"] == "ipvs") & (lt["verdict"] == "grows")).any():
+        out.append(IPVS_ADDRESS_NOTE)
     fv = fairness_verdicts(summary)
     for _, r in fv.iterrows():
         what = {

@@ -235,3 +235,16 @@ def test_relative_growth_against_iptables(results):
     frac = float(lines[0].split("µs per 1,000 Services, ")[1].split("×")[0])
     assert abs(frac) < 0.2  # the fixture's ipvs has no growth, its iptables +10 us per 1,000
     assert "the growth of iptables (legacy) on the same path" in lines[0]
+
+
+def test_ipvs_growth_comes_with_the_address_note():
+    """An ipvs variant whose latency grows gets the note on kube-ipvs0 addresses in a
+    shared kernel; one that stays flat does not."""
+    rng = np.random.default_rng(3)
+    frames = [_rows("ipvs rr", "ipvs", n, 0, 600, rng, rotate=True, base_us=100.0, per_1k_us=per)
+              for n in (1, 5000) for per in (20.0,)]
+    grows = pd.concat(frames, ignore_index=True)
+    assert report.IPVS_ADDRESS_NOTE in report.conclusions(report.summarize(grows), pd.DataFrame(), grows)
+    flat = pd.concat([_rows("ipvs rr", "ipvs", n, 0, 600, rng, rotate=True, base_us=100.0, per_1k_us=0.0) for n in (1, 5000)],
+                     ignore_index=True)
+    assert report.IPVS_ADDRESS_NOTE not in report.conclusions(report.summarize(flat), pd.DataFrame(), flat)

@@ -1027,15 +1027,16 @@ def run_trial(trial: Trial, spec: Experiment, cluster, backend: str | None, runt
     sync_rows: list[dict[str, Any]] = []
     if "sync" in spec.measure:
         t = time.perf_counter()
-        sync_rows += _sync_rows(lifecycle.sync_proxies(cluster, full=True), "full", t)
+        # each node's kube-proxy timed alone, as on a node with its own CPUs
+        sync_rows += _sync_rows(lifecycle.sync_proxies(cluster, full=True, parallel=False), "full", t)
         extra = synthetic.for_cluster(cluster, 1, max(trial.endpoints, 1), seed=spec.seed, start=trial.services,
                                       namespace=spec.background.namespace, addresses=spec.background.addresses)
         synthetic.admit(cluster, extra)
         t = time.perf_counter()
-        sync_rows += _sync_rows(lifecycle.sync_proxies(cluster), "add_one", t)
+        sync_rows += _sync_rows(lifecycle.sync_proxies(cluster, parallel=False), "add_one", t)
         synthetic.remove(cluster, trial.services)
         t = time.perf_counter()
-        sync_rows += _sync_rows(lifecycle.sync_proxies(cluster), "delete_one", t)
+        sync_rows += _sync_rows(lifecycle.sync_proxies(cluster, parallel=False), "delete_one", t)
     for node in cluster.nodes:
         traffic.flush_conntrack(node.netns)
     frames = []
@@ -1394,6 +1395,8 @@ def run(loaded: Loaded, trials: list[Trial], dir_: Path, console, *, base_file: 
         "seed": spec.seed,
         **info,
         "guest_or_host": "guest" if runtime == "uml" else "host",
+        # measured syncs: each node's kube-proxy alone, one after another (run_trial)
+        "sync_nodes": "sequential",
         "kernel_choice": kernel_reason,
         "capabilities": caps,
         "variants": variants_info,

@@ -314,9 +314,16 @@ def proxier_for(cluster: Cluster, node: Node, settings: dict, state_dir: Path): 
     raise InputError(f'Unsupported value: "{mode}": supported values: "iptables", "ipvs", "nftables"', field="proxy-mode")
 
 
-def sync_all(cluster: Cluster, objects: list[dict], settings: dict, state_dir: Path, full: bool = False) -> list[SyncResult]:
+def sync_all(cluster: Cluster, objects: list[dict], settings: dict, state_dir: Path, full: bool = False,
+             parallel: bool = True) -> list[SyncResult]:
     """Sync kube-proxy on every node (each node's own view: its name decides which
-    endpoints are local), then clean stale UDP conntrack entries as every mode does."""
+    endpoints are local), then clean stale UDP conntrack entries as every mode does.
+
+    ``parallel`` (default): every node's kube-proxy at once, as on a real cluster. The
+    emulated nodes share this machine's CPUs (and one Python process), so each node's
+    sync time then includes waiting for the others; ``parallel=False`` runs them one
+    after another, so each node's time is its own, as on a node with its own CPUs (what
+    the experiments' sync measurements use)."""
     from testbed import conntrack
 
     # Every node's kube-proxy works independently, as on a real cluster: in parallel.
@@ -325,7 +332,8 @@ def sync_all(cluster: Cluster, objects: list[dict], settings: dict, state_dir: P
     # The objects are the same for every node: their maps are built once (under one
     # GIL, building them in every node's thread would cost nodes x as much).
     maps = servicemap.build_maps(objects)
-    with ThreadPoolExecutor(max_workers=max(1, len(cluster.nodes)), thread_name_prefix="kube-proxy") as pool:
+    workers = max(1, len(cluster.nodes)) if parallel else 1
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kube-proxy") as pool:
         futures = [pool.submit(proxier_for(cluster, node, settings, state_dir).sync, objects, full, maps)
                    for node in cluster.nodes]
         results = [f.result() for f in futures]

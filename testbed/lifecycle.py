@@ -56,12 +56,15 @@ def proxy_settings(cluster: Cluster) -> dict:
     return cluster.extra.setdefault("proxy", {"mode": "iptables", "backend": "nft"})
 
 
-def sync_proxies(cluster: Cluster, full: bool = False) -> list:
-    """kube-proxy on every node, then the load-balancer announcements; saves state."""
+def sync_proxies(cluster: Cluster, full: bool = False, parallel: bool = True) -> list:
+    """kube-proxy on every node, then the load-balancer announcements; saves state.
+    ``parallel=False``: the nodes' kube-proxies one after another (see
+    :func:`testbed.kubeproxy.sync_all`)."""
     from testbed import controlplane, kubeproxy, loadbalancer
 
     settings = proxy_settings(cluster)
-    results = kubeproxy.sync_all(cluster, controlplane.objects(cluster), settings, state.run_dir(cluster.name), full=full)
+    results = kubeproxy.sync_all(cluster, controlplane.objects(cluster), settings, state.run_dir(cluster.name), full=full,
+                                 parallel=parallel)
     loadbalancer.announce(cluster)
     from testbed import dns
 

@@ -203,8 +203,9 @@ def summarize(samples: pd.DataFrame) -> pd.DataFrame:
 
 
 def sync_table(syncs: pd.DataFrame) -> pd.DataFrame:
-    """One row per trial and sync operation: means over the nodes (kube-proxy runs on
-    every node at once, so ``sync_max_s`` is when the last node was done)."""
+    """One row per trial and sync operation: means over the nodes; ``sync_max_s`` is
+    the slowest node's sync (the experiments time each node's kube-proxy alone, one
+    after another: the emulated nodes share the machine's CPUs)."""
     if syncs.empty:
         return pd.DataFrame(columns=SYNC_COLUMNS)
     s = syncs.copy()
@@ -732,7 +733,11 @@ def render_md(dir_: Path, summary: pd.DataFrame, sync: pd.DataFrame, samples: pd
         lines.append(_md_table(agg, list(agg.columns), {"jain": "{:.4f}", "connect_p50_us": "{:.1f}", "requests": "{:,.0f}"}))
     if not sync.empty:
         lines += ["", "## Control plane", "", "kube-proxy syncs per variant and background size (slowest node, medians over "
-                  "repetitions; `nat_rules`: rules in the nat table on one node; in ipvs mode also its virtual and real "
+                  "repetitions; " + (
+                      "each node's kube-proxy timed alone, one after another, since the emulated nodes share the "
+                      "machine's CPUs and a real node has its own;" if manifest.get("sync_nodes") == "sequential" else
+                      "every node's kube-proxy at once: the emulated nodes share the machine's CPUs, so each node's "
+                      "time includes waiting for the others;") + " `nat_rules`: rules in the nat table on one node; in ipvs mode also its virtual and real "
                   "servers, ipset entries and addresses bound to kube-ipvs0). A sync time *grows* in the conclusions when "
                   "it at least doubles (and by 5 ms or more) from the fewest to the most Services; otherwise it is *flat*.", ""]
         objects = [c for c in IPVS_OBJECT_COLUMNS if c in sync.columns and sync[c].notna().any()]

@@ -82,3 +82,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "root" in item.keywords:
             item.add_marker(skip)
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` for a child a test sends SIGINT: a shell that ran the suite in the
+    background (no job control) leaves SIGINT ignored, children inherit that and Python
+    then never raises KeyboardInterrupt; a terminal's Ctrl-C meets the default."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

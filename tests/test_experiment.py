@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, sigint_default
 from testbed import experiment, report, state
 from testbed.errors import InputError
 
@@ -282,7 +282,8 @@ def test_ctrl_c_keeps_finished_trials_and_resume_finishes(tmp_path):
     f = write(tmp_path, doc)
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, "-m", "testbed.experiment", "run", f, "--out", str(out)], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=sigint_default)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (out / "trials.jsonl").exists():

@@ -18,7 +18,7 @@ import time
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, sigint_default
 from testbed import guest, netns
 from testbed.errors import InputError, StateError
 
@@ -225,7 +225,8 @@ def _guest_of(parent: int, deadline: float) -> tuple[str, str]:
 @pytest.mark.root
 @pytest.mark.skipif(not guest.available(), reason=NO_UML)
 def test_ctrl_c_kills_the_guest_and_removes_its_files():
-    p = subprocess.Popen([sys.executable, "-c", CTRL_C], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", CTRL_C], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=sigint_default)
     try:
         deadline = time.monotonic() + 60
         gid, xdir = _guest_of(p.pid, deadline)
@@ -248,7 +249,8 @@ def test_ctrl_c_kills_the_guest_and_removes_its_files():
 def test_kill_9_of_the_caller_takes_the_guest_down_and_clean_removes_the_files():
     # linux.uml is PID 1 of its own PID namespace and dies with `unshare`, which dies
     # with its parent: no helper process can outlive a SIGKILLed caller
-    p = subprocess.Popen([sys.executable, "-c", CTRL_C], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen([sys.executable, "-c", CTRL_C], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         preexec_fn=sigint_default)
     try:
         gid, xdir = _guest_of(p.pid, time.monotonic() + 60)
         assert len(guest.find_guest_processes(gid)) >= 2  # unshare + linux.uml (+ helpers)

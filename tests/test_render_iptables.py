@@ -1503,3 +1503,43 @@ def test_internal_external_masquerade(masquerade_all, detector, overrides):
         flows.append((name, src, dst, dport, o.get("output", output), o.get("masq", masq)))
     assert applied == len(overrides)
     run_flows(r.text, flows)
+
+
+def test_sync_all_one_node_at_a_time(monkeypatch, tmp_path):
+    """parallel=False: each node's kube-proxy runs alone (the experiments time syncs that
+    way); the default runs them at once."""
+    import threading
+    import time as _time
+
+    from testbed import conntrack, kubeproxy
+    from testbed.model import Cluster, Network, Node
+
+    spans: list[tuple[float, float]] = []
+    lock = threading.Lock()
+
+    class Fake:
+        def __init__(self, node):
+            self.node = node
+
+        def sync(self, objects, full, maps):
+            t0 = _time.perf_counter()
+            _time.sleep(0.05)
+            with lock:
+                spans.append((t0, _time.perf_counter()))
+            return self.node.name
+
+    monkeypatch.setattr(kubeproxy, "proxier_for", lambda cluster, node, settings, state_dir: Fake(node))
+    monkeypatch.setattr(conntrack, "clean_stale_entries", lambda *a, **k: None)
+    nodes = [Node(name=f"n{i}", ip=f"192.168.56.1{i}", pod_cidr=f"10.233.{64 + i}.0/24", pod_gateway=f"10.233.{64 + i}.1",
+                  netns=f"tb-x-n{i}") for i in range(3)]
+    cluster = Cluster(name="x", run_id="x", nodes=nodes, network=Network())
+
+    def overlaps() -> bool:
+        s = sorted(spans)
+        return any(b[0] < a[1] for a, b in zip(s, s[1:]))
+
+    assert kubeproxy.sync_all(cluster, [], {}, tmp_path, parallel=False) == ["n0", "n1", "n2"]
+    assert not overlaps()
+    spans.clear()
+    kubeproxy.sync_all(cluster, [], {}, tmp_path)
+    assert overlaps()

@@ -108,29 +108,17 @@ finally:
 def main() -> int:
     import argparse
     import sys
-    import tempfile
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root))
-    from testbed import guest
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.in_guest import run_script
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--services", type=int, default=10000, help="background Services (default 10000)")
     ap.add_argument("--requests", type=int, default=700, help="connects per source pod and state (default 700)")
     ap.add_argument("--timeout", type=float, default=1800, help="bound on the whole guest run, s")
     a = ap.parse_args()
-    if not guest.available():
-        print("the guest kernel (user-mode-linux) is not installed", file=sys.stderr)
-        return 2
-    with tempfile.NamedTemporaryFile("w", suffix=".py", prefix="tb-ipvs-growth-", delete=False) as f:
-        f.write(GUEST)
-    try:
-        r = guest.run([sys.executable, f.name, str(a.services), str(a.requests)], timeout=a.timeout, mem="10G",
-                      cwd=str(root), env={"PYTHONPATH": str(root)}, stream=(sys.stdout.buffer, sys.stderr.buffer))
-    finally:
-        Path(f.name).unlink(missing_ok=True)
-    return r.returncode
+    return run_script(GUEST, [str(a.services), str(a.requests)], name="ipvs-growth", timeout=a.timeout, mem="10G")
 
 
 if __name__ == "__main__":

@@ -129,27 +129,16 @@ for state, label in (("A", "probe only"), ("B", f"+{N} in the same namespace"), 
 
 
 def main() -> int:
+    from benchmarks.in_guest import run_script
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--services", type=int, default=10000, help="virtual services added per namespace (default 10000)")
     ap.add_argument("--rounds", type=int, default=4, help="A/B/C/D/E rounds (default 4)")
     ap.add_argument("--per-state", type=int, default=1500, help="connects per state and round (default 1500)")
     ap.add_argument("--timeout", type=float, default=900, help="bound on the whole guest run, s")
     a = ap.parse_args()
-    from testbed import guest
-
-    if not guest.available():
-        print("the guest kernel (user-mode-linux) is not installed", file=sys.stderr)
-        return 2
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".py", prefix="tb-ipvs-lookup-", delete=False) as f:
-        f.write(GUEST_SCRIPT)
-    try:
-        r = guest.run([sys.executable, f.name, str(a.services), str(a.rounds), str(a.per_state)], timeout=a.timeout,
-                      mem="2G", stream=(sys.stdout.buffer, sys.stderr.buffer))
-    finally:
-        Path(f.name).unlink(missing_ok=True)
-    return r.returncode
+    return run_script(GUEST_SCRIPT, [str(a.services), str(a.rounds), str(a.per_state)], name="ipvs-lookup",
+                      timeout=a.timeout, mem="2G")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ other's.
 """
 
 GUEST = r'''
-import copy, secrets, subprocess, sys, time
+import copy, math, secrets, subprocess, sys, time
 import numpy as np
 from testbed import experiment, lifecycle, traffic
 
@@ -46,7 +46,7 @@ def p10(pr, n=REQ):
         df = traffic.run([src], traffic.Target(pr.ip, pr.port, protocol="http", path=f"/{pr.ask}"),
                          connection="new", requests=n, concurrency=1, warmup=50, timeout=2.0)
         v = df[(~df["warmup"].astype(bool)) & (df["error"] == "")]["connect_us"].to_numpy(float)
-        out[name.split("-")[-1]] = float(np.sort(v)[int(len(v) * 0.1)])
+        out[name] = float(np.sort(v)[max(0, math.ceil(round(len(v) * 0.1, 9)) - 1)])  # nearest-rank p10
     return round(float(np.median(list(out.values()))), 1), {k: round(v) for k, v in out.items()}
 
 

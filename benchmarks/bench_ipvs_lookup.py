@@ -4,7 +4,7 @@ kernel (User-Mode Linux 6.1), and whether virtual services in *other* network
 namespaces cost the same — the question behind the demo's IPVS latency growth, where
 three emulated nodes share one kernel.
 
-    sudo .venv/bin/python benchmarks/bench_ipvs_lookup.py [--services 10000] [--rounds 3]
+    sudo .venv/bin/python benchmarks/bench_ipvs_lookup.py [--services 10000] [--rounds 4]
 
 Inside one fresh guest: namespaces ``client`` -> ``router`` -> ``server`` (veths);
 ``router`` has IPVS virtual service ``10.96.0.10:80`` (NAT, rr) to the server and the
@@ -23,13 +23,12 @@ B, ...), so slow stretches of the machine hit every state alike:
 * **E** the same addresses on a ``kube-ipvs0`` in each of the two other namespaces
   (nothing more in ``router``): the other emulated nodes' bound ClusterIPs. In this
   kernel (6.1) the IPv4 address hash table (``inet_addr_lst``, 256 buckets) is one for
-  all network namespaces; kernels from 6.10 on have one per namespace.
+  all network namespaces.
 
 Printed per state: connect p10 / p25 / p50 (µs) over all rounds and each round's
 p10. Mirrors kube-proxy's ipvs mode in the shape of what it programs (one virtual
-service per ClusterIP:port, addresses bound to kube-ipvs0 are left out here to
-isolate the IPVS lookup). Nothing touches the host: all of it lives and dies in the
-guest.
+service per ClusterIP:port; each ClusterIP bound to kube-ipvs0), one part at a time.
+Nothing touches the host: all of it lives and dies in the guest.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 GUEST_SCRIPT = r'''
-import ctypes, os, socket, struct, subprocess, sys, time
+import ctypes, math, os, socket, struct, subprocess, sys, time
 N, ROUNDS, PER = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 def sh(*a, inp=None):
     subprocess.run(a, input=inp, text=True, check=True, capture_output=True)
@@ -95,8 +94,8 @@ def measure():
     return out[50:]
 res = {s: [] for s in "ABCDE"}
 rounds = {s: [] for s in "ABCDE"}
-def pct(v, q):
-    v = sorted(v); return v[max(0, min(len(v) - 1, int(round(q / 100 * len(v) + 0.5)) - 1))]
+def pct(v, q):  # nearest rank
+    v = sorted(v); return v[max(0, min(len(v) - 1, math.ceil(round(q / 100 * len(v), 9)) - 1))]
 for r in range(ROUNDS):
     for state in "ABCDE":
         if state == "B":

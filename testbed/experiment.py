@@ -1395,8 +1395,9 @@ def run(loaded: Loaded, trials: list[Trial], dir_: Path, console, *, base_file: 
         "seed": spec.seed,
         **info,
         "guest_or_host": "guest" if runtime == "uml" else "host",
-        # measured syncs: each node's kube-proxy alone, one after another (run_trial)
-        "sync_nodes": "sequential",
+        # measured syncs: each node's kube-proxy alone, one after another (run_trial); a
+        # resumed run whose first trials were timed all at once (older code) is "mixed"
+        "sync_nodes": "sequential" if not done or manifest.get("sync_nodes") == "sequential" else "mixed",
         "kernel_choice": kernel_reason,
         "capabilities": caps,
         "variants": variants_info,

@@ -408,9 +408,10 @@ IPVS_ADDRESS_NOTE = (
 
 
 def relative_growth(lt: pd.DataFrame) -> list[str]:
-    """Per target where an iptables variant's latency grows: how fast every other
+    """Per target where an iptables variant's latency grows: how fast every non-iptables
     variant's grew on the same target, as a fraction of iptables' slope (µs per 1,000
-    Services over the same sizes)."""
+    Services over the same sizes; against the first iptables variant when a run has
+    both backends)."""
     if lt.empty or "mode" not in lt.columns:
         return []
     out = []
@@ -738,6 +739,8 @@ def render_md(dir_: Path, summary: pd.DataFrame, sync: pd.DataFrame, samples: pd
                   "repetitions; " + (
                       "each node's kube-proxy timed alone, one after another, since the emulated nodes share the "
                       "machine's CPUs and a real node has its own;" if manifest.get("sync_nodes") == "sequential" else
+                      "trials run before a `--resume` timed every node's kube-proxy at once, later ones each node alone;"
+                      if manifest.get("sync_nodes") == "mixed" else
                       "every node's kube-proxy at once: the emulated nodes share the machine's CPUs, so each node's "
                       "time includes waiting for the others;") + " `nat_rules`: rules in the nat table on one node; in ipvs mode also its virtual and real "
                   "servers, ipset entries and addresses bound to kube-ipvs0). A sync time *grows* in the conclusions when "

@@ -402,8 +402,9 @@ IPVS_ADDRESS_NOTE = (
     "cluster at 10,000 Services, removing the background's `kube-ipvs0` addresses by hand takes the ClusterIP and "
     "direct paths back to their 1-Service level, while removing its IPVS virtual services or ipset entries changes "
     "nothing; and (`benchmarks/bench_ipvs_lookup.py`) addresses bound in *other* namespaces slow a connect that never "
-    "touches them (this kernel's IPv4 address table is shared by all namespaces), so each emulated node also pays for "
-    "the other nodes' addresses, which a node with its own kernel would not."
+    "touches them (the kernel's IPv4 address hash, `inet_addr_lst`, is one 256-bucket table for every namespace, "
+    "walked when a route's source address is checked). A real node pays this too, for its own addresses (its pods "
+    "share its kernel); here each emulated node also pays for the other nodes' addresses."
 )
 
 

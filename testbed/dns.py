@@ -369,30 +369,20 @@ def endpoint_hostname(ep: dict[str, Any], address: str) -> str:
     return ep.get("hostname") or address.replace(".", "-").replace(":", "-")
 
 
-def _ready_endpoints(cluster: Cluster, ns: str, name: str,
-                     by_service: dict[tuple[str, str], list[dict[str, Any]]] | None = None
-                     ) -> list[tuple[str, str, list[dict[str, Any]]]]:
-    """(address, hostname, slice ports) of every ready endpoint of Service ns/name, from
-    the EndpointSlices labelled with it (deduplicated, in slice order). ``by_service``:
-    :func:`testbed.endpointslices.by_service` of the cluster's slices, when the caller
-    asks for many Services."""
+def _ready_endpoints(slices: list[dict[str, Any]]) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """(address, hostname, slice ports) of every ready endpoint in one Service's
+    EndpointSlices (:func:`testbed.endpointslices.by_service`), IPv4 only, deduplicated,
+    in slice order."""
     out: list[tuple[str, str, list[dict[str, Any]]]] = []
     seen: set[tuple[str, str]] = set()
-    if by_service is None:
-        by_service = endpointslices.by_service(cluster.endpointslices)
-    for sl in by_service.get((ns, name), ()):
-        if sl.get("addressType", "IPv4") != "IPv4":
-            continue
-        ports = list(sl.get("ports") or [])
-        for ep in sl.get("endpoints") or []:
-            if (ep.get("conditions") or {}).get("ready") is False:
+    ipv4 = (sl for sl in slices if sl.get("addressType", "IPv4") == "IPv4")
+    for sl, ep in endpointslices.ready_endpoints(ipv4):
+        for addr in ep.get("addresses") or []:
+            host = endpoint_hostname(ep, addr)
+            if (addr, host) in seen:
                 continue
-            for addr in ep.get("addresses") or []:
-                host = endpoint_hostname(ep, addr)
-                if (addr, host) in seen:
-                    continue
-                seen.add((addr, host))
-                out.append((addr, host, ports))
+            seen.add((addr, host))
+            out.append((addr, host, list(sl.get("ports") or [])))
     return out
 
 
@@ -435,7 +425,7 @@ def records(cluster: Cluster, domain: str = CLUSTER_DOMAIN) -> Records:
         headless = _is_headless(svc)
         if not headless and not _cluster_ips(svc):
             continue  # not admitted
-        eps = _ready_endpoints(cluster, ns, name, by_service)
+        eps = _ready_endpoints(by_service.get((ns, name), []))
         lines = [(addr, f"{h}.{fqdn}") for addr, h, _ in eps]
         (headless_first if headless else endpoint_lines).extend(lines)
         for port in spec.get("ports") or []:
@@ -465,7 +455,7 @@ def records(cluster: Cluster, domain: str = CLUSTER_DOMAIN) -> Records:
     for svc in services:
         ns, name = _key(svc)
         if _is_headless(svc):
-            for addr, _h, _p in _ready_endpoints(cluster, ns, name, by_service):
+            for addr, _h, _p in _ready_endpoints(by_service.get((ns, name), [])):
                 host(addr, f"{name}.{ns}.svc.{domain}")
     for pod in sorted(cluster.pods, key=lambda p: (p.namespace, p.name)):
         if pod.ip and _ipv4(pod.ip):

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from testbed.apiserver import object_uid
 from testbed.model import Node, Pod
@@ -67,6 +67,7 @@ __all__ = [
     "CONTROLLER_NAME",
     "MAX_ENDPOINTS_PER_SLICE",
     "by_service",
+    "ready_endpoints",
     "reconcile",
     "slices_for_service",
 ]
@@ -77,6 +78,7 @@ LABEL_HEADLESS = "service.kubernetes.io/headless"
 CONTROLLER_NAME = "endpointslice-controller.k8s.io"
 MAX_ENDPOINTS_PER_SLICE = 100
 LABEL_ZONE = "topology.kubernetes.io/zone"
+
 
 def by_service(slices: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
     """(namespace, Service name) -> the EndpointSlices labelled with that Service
@@ -89,6 +91,15 @@ def by_service(slices: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], lis
         if svc is not None:
             out.setdefault((meta.get("namespace") or "default", svc), []).append(sl)
     return out
+
+
+def ready_endpoints(slices: Iterable[Mapping[str, Any]]) -> Iterator[tuple[Mapping[str, Any], Mapping[str, Any]]]:
+    """(slice, endpoint) for every endpoint of ``slices`` whose ``conditions.ready`` is
+    not false (nil counts as ready, as for kube-proxy), in slice order."""
+    for sl in slices:
+        for ep in sl.get("endpoints") or ():
+            if (ep.get("conditions") or {}).get("ready", True) is not False:
+                yield sl, ep
 
 
 # k8s.io/apimachinery/pkg/util/rand: the alphabet generateName suffixes are drawn from

@@ -890,7 +890,10 @@ class Probe:
 
 def probes(spec: Experiment, cluster) -> list[Probe]:  # noqa: ANN001
     """The traffic passes of one trial, from the live cluster's Services."""
+    from testbed import endpointslices
+
     out: list[Probe] = []
+    slices_of = endpointslices.by_service(cluster.endpointslices)  # once for every target
     for t in spec.traffic.targets:
         svc = _service(cluster, t.service)
         assert svc is not None
@@ -902,7 +905,8 @@ def probes(spec: Experiment, cluster) -> list[Probe]:  # noqa: ANN001
         measures = _measures(spec, t)
         ns = svc["metadata"].get("namespace") or "default"
         name = svc["metadata"]["name"]
-        eps = _ready_endpoints(cluster, ns, name)
+        slices = slices_of.get((ns, name), [])
+        eps = _ready_endpoints(slices)
         entries: list[tuple[str, str, int, str | None]] = []
         if t.via == "clusterIP":
             entries.append(("all", s["clusterIP"], port["port"], None))
@@ -912,7 +916,7 @@ def probes(spec: Experiment, cluster) -> list[Probe]:  # noqa: ANN001
             ip = svc["status"]["loadBalancer"]["ingress"][0]["ip"]
             entries.append(("all", ip, port["port"], None))
         elif t.via == "pod":
-            direct = _pod_endpoint(cluster, ns, name, port)
+            direct = _pod_endpoint(slices, port)
             if direct is None:  # no ready endpoint: run_trial records the probe as skipped
                 entries.append(("all", "", 0, None))
             else:
@@ -935,35 +939,32 @@ def probes(spec: Experiment, cluster) -> list[Probe]:  # noqa: ANN001
     return out
 
 
-def _ready_endpoints(cluster, ns: str, name: str) -> list[tuple[str, str]]:  # noqa: ANN001
+def _ready_endpoints(slices: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(pod, node) of every ready endpoint of one Service's EndpointSlices."""
     from testbed import endpointslices
 
     out = set()
-    for sl in endpointslices.by_service(cluster.endpointslices).get((ns, name), ()):
-        for ep in sl.get("endpoints") or []:
-            if (ep.get("conditions") or {}).get("ready", True) is False:
-                continue
-            ref = (ep.get("targetRef") or {}).get("name") or (ep.get("addresses") or [""])[0]
-            out.add((ref, ep.get("nodeName") or ""))
+    for _sl, ep in endpointslices.ready_endpoints(slices):
+        ref = (ep.get("targetRef") or {}).get("name") or (ep.get("addresses") or [""])[0]
+        out.add((ref, ep.get("nodeName") or ""))
     return sorted(out)
 
 
-def _pod_endpoint(cluster, ns: str, name: str, port: dict[str, Any]) -> tuple[str, str, int] | None:  # noqa: ANN001
-    """(pod, IP, port) of the Service port's first ready endpoint (by pod name), from its
-    EndpointSlices: where ``via: pod`` sends."""
+def _pod_endpoint(slices: list[dict[str, Any]], port: dict[str, Any]) -> tuple[str, str, int] | None:
+    """(pod, IP, port) of the Service port's first ready endpoint (by pod name), from the
+    Service's EndpointSlices: where ``via: pod`` sends."""
     from testbed import endpointslices
 
     found = []
-    for sl in endpointslices.by_service(cluster.endpointslices).get((ns, name), ()):
+    for sl in slices:
         sport = next((p for p in sl.get("ports") or [] if (p.get("name") or "") == (port.get("name") or "")
                       and (p.get("protocol") or "TCP") == (port.get("protocol") or "TCP")), None)
         if sport is None or not sport.get("port"):
             continue
-        for ep in sl.get("endpoints") or []:
-            if (ep.get("conditions") or {}).get("ready", True) is False or not ep.get("addresses"):
-                continue
-            ref = (ep.get("targetRef") or {}).get("name") or ep["addresses"][0]
-            found.append((ref, ep["addresses"][0], int(sport["port"])))
+        for _sl, ep in endpointslices.ready_endpoints([sl]):
+            if ep.get("addresses"):
+                ref = (ep.get("targetRef") or {}).get("name") or ep["addresses"][0]
+                found.append((ref, ep["addresses"][0], int(sport["port"])))
     return min(found) if found else None
 
 

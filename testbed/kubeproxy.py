@@ -326,7 +326,8 @@ def sync_all(cluster: Cluster, objects: list[dict], settings: dict, state_dir: P
     the experiments' sync measurements use)."""
     from testbed import conntrack
 
-    # Every node's kube-proxy works independently, as on a real cluster: in parallel.
+    # Every node's kube-proxy works independently, as on a real cluster (in parallel
+    # unless the caller times each node alone).
     from concurrent.futures import ThreadPoolExecutor
 
     # The objects are the same for every node: their maps are built once (under one

@@ -34,10 +34,9 @@ def announcing_nodes(cluster: Cluster, svc: dict[str, Any]) -> list[str]:
     meta = svc.get("metadata") or {}
     key = (meta.get("namespace") or "default", meta.get("name"))
     local_nodes = set()
-    for s in endpointslices.by_service(cluster.endpointslices).get(key, ()):
-        for ep in s.get("endpoints") or []:
-            if (ep.get("conditions") or {}).get("ready", True) is not False and ep.get("nodeName"):
-                local_nodes.add(ep["nodeName"])
+    for _sl, ep in endpointslices.ready_endpoints(endpointslices.by_service(cluster.endpointslices).get(key, ())):
+        if ep.get("nodeName"):
+            local_nodes.add(ep["nodeName"])
     return [n.ip for n in cluster.nodes if n.name in local_nodes]
 
 

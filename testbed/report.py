@@ -673,6 +673,16 @@ def _md_table(df: pd.DataFrame, cols: list[str], fmt: dict[str, str] | None = No
     return head + "\n".join(lines) + "\n"
 
 
+#: How a run timed its nodes' kube-proxies (manifest ``sync_nodes``; older runs have none).
+SYNC_TIMING = {
+    "sequential": "each node's kube-proxy timed alone, one after another, since the emulated nodes share the machine's "
+                  "CPUs and a real node has its own;",
+    "mixed": "trials run before a `--resume` timed every node's kube-proxy at once, later ones each node alone;",
+    None: "every node's kube-proxy at once: the emulated nodes share the machine's CPUs, so each node's time includes "
+          "waiting for the others;",
+}
+
+
 def render_md(dir_: Path, summary: pd.DataFrame, sync: pd.DataFrame, samples: pd.DataFrame, manifest: dict[str, Any],
               plots: list[str]) -> str:
     k = manifest.get("kernel") or {}
@@ -737,13 +747,7 @@ def render_md(dir_: Path, summary: pd.DataFrame, sync: pd.DataFrame, samples: pd
         lines.append(_md_table(agg, list(agg.columns), {"jain": "{:.4f}", "connect_p50_us": "{:.1f}", "requests": "{:,.0f}"}))
     if not sync.empty:
         lines += ["", "## Control plane", "", "kube-proxy syncs per variant and background size (slowest node, medians over "
-                  "repetitions; " + (
-                      "each node's kube-proxy timed alone, one after another, since the emulated nodes share the "
-                      "machine's CPUs and a real node has its own;" if manifest.get("sync_nodes") == "sequential" else
-                      "trials run before a `--resume` timed every node's kube-proxy at once, later ones each node alone;"
-                      if manifest.get("sync_nodes") == "mixed" else
-                      "every node's kube-proxy at once: the emulated nodes share the machine's CPUs, so each node's "
-                      "time includes waiting for the others;") + " `nat_rules`: rules in the nat table on one node; in ipvs mode also its virtual and real "
+                  "repetitions; " + SYNC_TIMING.get(manifest.get("sync_nodes"), SYNC_TIMING[None]) + " `nat_rules`: rules in the nat table on one node; in ipvs mode also its virtual and real "
                   "servers, ipset entries and addresses bound to kube-ipvs0). A sync time *grows* in the conclusions when "
                   "it at least doubles (and by 5 ms or more) from the fewest to the most Services; otherwise it is *flat*.", ""]
         objects = [c for c in IPVS_OBJECT_COLUMNS if c in sync.columns and sync[c].notna().any()]

@@ -357,6 +357,19 @@ def test_chain_name_hashes(name, proto, endpoint, want):
     )
 
 
+def test_chain_hash_table_encoding_matches_base32():
+    """The 10-bit table encoding gives base32's first 16 characters for any digest
+    (names of every length, non-ASCII too, and digests with high/low bits set)."""
+    from testbed.proxy.iptables import _b32_16
+
+    rng = __import__("random").Random(7)
+    samples = ["", "ns1/svc1:p80tcp", "é/ü:πudp10.0.0.1:80"] + [
+        "".join(rng.choice("abc/:-.0123456789") for _ in range(rng.randrange(1, 80))) for _ in range(3000)
+    ]
+    for s in samples:
+        assert _b32_16(s) == h16(s), s
+
+
 def test_service_port_name_string():
     assert str(ServicePortName("ns1", "svc1", "p80", "TCP")) == "ns1/svc1:p80"
     assert str(ServicePortName("ns1", "svc1", "", "TCP")) == "ns1/svc1"

@@ -174,7 +174,7 @@ def hash_and_truncate(name: str) -> str:
     """``hashAndTruncate``: ``base32(sha256(name))[:8] + "-" + name``, cut to
     ``chainNameBaseLengthMax`` (240) with a trailing ``...``."""
     digest = hashlib.sha256(name.encode()).digest()
-    out = base64.b32encode(digest)[:8].decode() + "-" + name
+    out = base64.b32encode(digest[:5]).decode() + "-" + name  # base32 of 5 bytes = the first 8 chars of all 32
     if len(out) > CHAIN_NAME_BASE_LENGTH_MAX:
         out = out[: CHAIN_NAME_BASE_LENGTH_MAX - 3] + "..."
     return out

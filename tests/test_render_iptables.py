@@ -370,6 +370,20 @@ def test_chain_hash_table_encoding_matches_base32():
         assert _b32_16(s) == h16(s), s
 
 
+@pytest.mark.parametrize("text, want", [
+    ("10.0.0.1", "10.0.0.1"), ("0.0.0.0", "0.0.0.0"), ("255.255.255.255", "255.255.255.255"),
+    ("172.30.0.041", "172.30.0.41"), ("010.000.000.001", "10.0.0.1"), ("256.0.0.1", None), ("1.2.3", None),
+    (" 1.2.3.4", None), ("1.2.3.4\x00", None), ("fd00::0001", "fd00::1"), ("::ffff:1.2.3.4", "1.2.3.4"),
+    ("fe80::1%eth0", None), ("", None), (None, None), (17, None),
+])
+def test_parse_ip_sloppy(text, want):
+    """``netutils.ParseIPSloppy(s).String()``: canonical IPv4 comes back as it is (the
+    fast path), everything else through the parser."""
+    from testbed.proxy.servicemap import parse_ip_sloppy
+
+    assert parse_ip_sloppy(text) == want
+
+
 def test_service_port_name_string():
     assert str(ServicePortName("ns1", "svc1", "p80", "TCP")) == "ns1/svc1:p80"
     assert str(ServicePortName("ns1", "svc1", "", "TCP")) == "ns1/svc1"

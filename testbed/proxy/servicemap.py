@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from socket import AF_INET as _AF_INET, inet_pton as _inet_pton
 from functools import lru_cache
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -81,7 +82,11 @@ def parse_ip_sloppy(text: Any) -> str | None:
     """
     if not isinstance(text, str) or not text or "%" in text:
         return None
-    return _parse_ip_sloppy(text)
+    try:  # the usual case: IPv4 already canonical (inet_pton takes no leading zeros), itself
+        _inet_pton(_AF_INET, text)
+        return text
+    except (OSError, ValueError):
+        return _parse_ip_sloppy(text)
 
 
 @lru_cache(maxsize=1 << 17)

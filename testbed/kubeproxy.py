@@ -111,9 +111,15 @@ def stream_in(ns: str, argv: list[str], chunks: Iterable[str],
     finally:
         os.close(r_fd)
     pending: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    try:
+        w = os.fdopen(w_fd, "wb")
+    except BaseException:
+        os.close(w_fd)
+        proc.kill()
+        proc.communicate()
+        raise
 
     def write() -> None:
-        w = os.fdopen(w_fd, "wb")
         try:
             while (data := pending.get()) is not None:
                 w.write(data)
@@ -121,6 +127,9 @@ def stream_in(ns: str, argv: list[str], chunks: Iterable[str],
         except BrokenPipeError:  # the tool exited early (it says why on stderr)
             while pending.get() is not None:
                 pass
+        except BaseException:
+            proc.kill()  # before the pipe closes: a cut input must not reach end-of-file
+            raise
         finally:
             try:
                 w.close()  # end-of-file for the tool (if it is still alive)
@@ -131,23 +140,28 @@ def stream_in(ns: str, argv: list[str], chunks: Iterable[str],
     try:
         writer.start()
     except BaseException:
-        os.close(w_fd)
+        w.close()
         proc.kill()
-        proc.wait()
+        proc.communicate()
         raise
+    made = False
     try:
         try:
             for chunk in chunks:
                 pending.put(chunk.encode())
-        except BaseException:
-            proc.kill()  # before the writer closes the pipe: no end-of-file, no commit
-            raise
+            made = True
         finally:
+            if not made:
+                proc.kill()  # before the writer closes the pipe: no end-of-file, no commit
             pending.put(None)
         if meanwhile is not None:
             meanwhile()
-    finally:
         out, err = proc.communicate()  # the tools here print a few lines at most
+    except BaseException:  # also Ctrl-C while the tool runs: it does not outlive the call
+        proc.kill()
+        proc.communicate()
+        raise
+    finally:
         writer.join()
     return _checked(ns, subprocess.CompletedProcess(argv, proc.returncode, out, err))
 
@@ -170,6 +184,11 @@ def node_config(cluster: Cluster, node: Node, **overrides) -> IPTablesConfig:
 
 @dataclass
 class SyncResult:
+    """One node's sync. ``render_s``: from the start to the moment the restore starts
+    (in iptables mode the maps and the filter pass; the nat chains and rules are
+    rendered while the restore reads, so they count in ``apply_s``, which runs until
+    the restore has exited)."""
+
     node: str
     full: bool
     render_s: float

@@ -274,7 +274,8 @@ class IPTablesConfig(ProxierFlags):
 class IPTablesRender:
     """One sync's output.
 
-    * ``text``: the ``iptables-restore --noflush --counters`` input.
+    * ``text``: the ``iptables-restore --noflush --counters`` input (``""`` from a
+      streamed :class:`IPTablesSync` whose caller did not keep it).
     * ``full_sync``: whether every service's chains were written.
     * ``filter_rules_count``: ``sync_proxy_rules_iptables_total{table="filter"}``.
     * ``nat_rules_count``: ``sync_proxy_rules_iptables_total{table="nat"}``: rules that
@@ -429,8 +430,8 @@ class IPTablesSync:
         changed: Iterable[ServicePortName | NamespacedName | tuple[str, str]] | None = None,
         existing_nat_chains: str | Iterable[str] | None = None,
     ) -> None:
-        self.config = config
         self.full_sync = full_sync = changed is None
+        self.masquerade_all = config.masquerade_all
         self.existing_nat_chains = existing_nat_chains
         changed_nn = changed_service_names(changed)
 
@@ -585,6 +586,7 @@ class IPTablesSync:
             "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
         )
 
+        self.nodeports_tail = _nodeports_tail(config, localhost_nodeports)
         self.head = "\n".join(["*filter", *filter_chains, *filter_rules, "COMMIT", "*nat", *nat_chains]) + "\n"
         self.filter_rules_count = len(filter_rules)
         self.plan = plan
@@ -600,6 +602,7 @@ class IPTablesSync:
         """The restore input in pieces of about ``lines_per_chunk`` lines: the filter
         table and the top-level nat chains, the Services' nat chains, the nat rules,
         ``COMMIT``. Consumed once."""
+        lines_per_chunk = max(1, lines_per_chunk)
         yield self.head
 
         # Second pass: the nat chain lines (written or, for unchanged Services, only
@@ -670,32 +673,11 @@ class IPTablesSync:
                 yield "\n".join(rules) + "\n"
                 rules = []
         rules += [f"-X {chain}" for chain in deleted]
-        rules += self._nodeports_tail()
+        rules += self.nodeports_tail
         written += len(rules)
         rules.append("COMMIT")
         yield "\n".join(rules) + "\n"
         self._nat_written, self._nat_skipped = written, skipped.lines
-
-    def _nodeports_tail(self) -> list[str]:
-        """Finally, tail-call to the nodePorts chain (the last nat rules)."""
-        config = self.config
-        is_v6 = config.is_ipv6
-        npa = NodePortAddresses(config.ip_family, config.nodeport_addresses)
-        if npa.match_all:
-            dest = "-m addrtype --dst-type LOCAL"
-            if is_v6:
-                dest += " ! -d ::1/128"
-            elif not self.localhost_nodeports:
-                dest += " ! -d 127.0.0.0/8"
-            return [f"-A {KUBE_SERVICES} -m comment --comment {_MUST_BE_LAST} {dest} -j {KUBE_NODEPORTS}"]
-        addresses = config.node_addresses
-        if addresses is None:
-            addresses = [a for a in (config.node_ip, "::1" if is_v6 else "127.0.0.1") if a]
-        return [
-            f"-A {KUBE_SERVICES} -m comment --comment {_MUST_BE_LAST} -d {ip} -j {KUBE_NODEPORTS}"
-            for ip in npa.node_ips(addresses)
-            if not (ip.is_loopback and (is_v6 or not self.localhost_nodeports))
-        ]
 
     def result(self, text: str = "") -> IPTablesRender:
         """The sync's counters (and ``text``, when the caller kept it), once
@@ -720,6 +702,27 @@ class IPTablesSync:
             health_check_node_ports=self.hc_ports,
             localhost_nodeports=self.localhost_nodeports,
         )
+
+
+def _nodeports_tail(config: IPTablesConfig, localhost_nodeports: bool) -> list[str]:
+    """Finally, tail-call to the nodePorts chain (the last nat rules)."""
+    is_v6 = config.is_ipv6
+    npa = NodePortAddresses(config.ip_family, config.nodeport_addresses)
+    if npa.match_all:
+        dest = "-m addrtype --dst-type LOCAL"
+        if is_v6:
+            dest += " ! -d ::1/128"
+        elif not localhost_nodeports:
+            dest += " ! -d 127.0.0.0/8"
+        return [f"-A {KUBE_SERVICES} -m comment --comment {_MUST_BE_LAST} {dest} -j {KUBE_NODEPORTS}"]
+    addresses = config.node_addresses
+    if addresses is None:
+        addresses = [a for a in (config.node_ip, "::1" if is_v6 else "127.0.0.1") if a]
+    return [
+        f"-A {KUBE_SERVICES} -m comment --comment {_MUST_BE_LAST} -d {ip} -j {KUBE_NODEPORTS}"
+        for ip in npa.node_ips(addresses)
+        if not (ip.is_loopback and (is_v6 or not localhost_nodeports))
+    ]
 
 
 def _write_service_nat_rules(rules: list[str], skipped: _Discard, p: _Planned, n: _Names, sync: IPTablesSync) -> None:
@@ -763,7 +766,7 @@ def _write_service_nat_rules(rules: list[str], skipped: _Discard, p: _Planned, n
     # Internal traffic handling.
     if p.has_internal:
         args = f'-m comment --comment "{name} cluster IP" {pmatch} -d {cip} {dport}'
-        if sync.config.masquerade_all:
+        if sync.masquerade_all:
             out.append(f"-A {internal_chain} {args} -j {KUBE_MARK_MASQ}")
         elif sync.local_cidr:
             out.append(f"-A {internal_chain} {args} ! -s {sync.local_cidr} -j {KUBE_MARK_MASQ}")

@@ -71,7 +71,7 @@ LABEL_SERVICE_NAME = "kubernetes.io/service-name"
 #: ``sessionAffinity: ClientIP`` without ``sessionAffinityConfig``.
 DEFAULT_CLIENT_IP_TIMEOUT = 10800
 
-_V4_SLOPPY = re.compile(r"^([0-9]+)\.([0-9]+)\.([0-9]+)\.([0-9]+)$")
+_V4_SLOPPY = re.compile(r"^([0-9]+)\.([0-9]+)\.([0-9]+)\.([0-9]+)\Z")  # \Z: "$" would take a trailing newline
 
 
 def parse_ip_sloppy(text: Any) -> str | None:

@@ -74,14 +74,8 @@ from testbed import kubeproxy, netns  # noqa: E402
 from testbed.errors import TestbedError  # noqa: E402
 from testbed.kubeproxy import IPTablesProxier, node_config, tool  # noqa: E402
 from testbed.model import Cluster, Node  # noqa: E402
-from testbed.proxy import servicemap  # noqa: E402
-from testbed.proxy.iptables import (  # noqa: E402
-    CANARY_CHAIN,
-    CANARY_TABLES,
-    port_proto_hash,
-    render_iptables_sync,
-    service_port_endpoint_chain_name,
-)
+from testbed.proxy import iptables as proxy_iptables, servicemap  # noqa: E402
+from testbed.proxy.iptables import CANARY_CHAIN, CANARY_TABLES, render_iptables_sync  # noqa: E402
 
 TAG = f"tb-bench{secrets.token_hex(3)}"
 EPS = 3  # endpoints per Service
@@ -336,8 +330,8 @@ def timed_sync(proxier: IPTablesProxier, objects: list[dict], full: bool) -> tup
     the tools it spawned: robust when other users load the machine)."""
     rec: dict = {}
     with instrumented(rec):
-        # process_time: the sync's threads (its restore-input writer too), the bench's
-        # own main thread only waits meanwhile
+        # process_time: every thread of this process; the sync runs in a worker thread
+        # while the bench's main thread only waits
         c0, k0 = time.process_time(), _children_cpu()
         t = time.perf_counter()
         res = proxier.sync(objects, full=full)
@@ -488,8 +482,7 @@ def clear_caches() -> None:
     """Empty the memo caches the applier's Python fills (chain-name hashes, parsed
     addresses, probabilities): a sync then costs what it costs in a fresh process
     (every ``testbed`` command) or in kube-proxy's first sync."""
-    import testbed.proxy.iptables as ipt
-
+    ipt = proxy_iptables
     for f in (ipt.port_proto_hash, ipt.service_port_endpoint_chain_name, ipt.compute_probability, ipt._parse_net,
               servicemap._parse_ip_sloppy):
         f.cache_clear()

@@ -38,9 +38,11 @@ One *trial* is one (mode variant, endpoints, services, repetition): the backgrou
 set to that many synthetic Services (the probed Services sort after them: last in
 kube-proxy's dispatch order), the control plane is measured (a full sync, "add one
 Service while N exist", "delete it again"), conntrack is flushed on every node, and
-every target gets its requests (one row each, :mod:`testbed.traffic`). A trial's raw
-rows are written to ``DIR/trials/`` and journaled in ``DIR/trials.jsonl`` before the
-next starts, so Ctrl-C keeps every finished trial and ``--resume DIR`` runs the rest.
+every target gets its requests (one row each, :mod:`testbed.traffic`; probes straight
+to a pod and probes through a Service draw disjoint source ports,
+:func:`testbed.traffic.set_source_ports`). A trial's raw rows are written to
+``DIR/trials/`` and journaled in ``DIR/trials.jsonl`` before the next starts, so
+Ctrl-C keeps every finished trial and ``--resume DIR`` runs the rest.
 At the end (or on Ctrl-C) :func:`testbed.report.build` turns the raw rows into
 ``summary.csv``, ``sync.csv``, plots and ``report.md``/``report.html``.
 
@@ -1050,6 +1052,10 @@ def run_trial(trial: Trial, spec: Experiment, cluster, backend: str | None, runt
             skipped.append(f"{pr.target}: Service {pr.service} has no ready endpoint to send to")
             continue
         sources = [traffic.Source(name, ns) for name, ns, _ip, _node in pr.sources]
+        # Probes straight to a pod and probes through a Service use disjoint source
+        # ports, so IPVS's entries of one never catch the other's replies.
+        for src in sources:
+            traffic.set_source_ports(src.netns, traffic.DIRECT_PORTS if pr.via == "pod" else traffic.SERVICE_PORTS)
         target = traffic.Target(pr.ip, pr.port, protocol=s["protocol"], path=f"/{pr.ask}", host_name=pr.host_name)
         seed = spec.seed * 1000 + trial.rep * 100 + k
         try:

@@ -433,6 +433,25 @@ def relative_growth(lt: pd.DataFrame) -> list[str]:
     return out
 
 
+def failed_requests(samples: pd.DataFrame) -> list[str]:
+    """One sentence per (variant, target) whose measured requests (warm-up left out)
+    include failures, with the errors counted by kind; one sentence when none failed.
+    Latency and fairness figures are computed over the successful requests only."""
+    if samples.empty or "error" not in samples.columns:
+        return []
+    m = samples[~samples["warmup"].astype(bool)]
+    bad = m[m["error"] != ""]
+    if bad.empty:
+        return [f"No request failed ({len(m):,} measured)."]
+    out = []
+    totals = m.groupby(["variant", "target"]).size()
+    for (variant, target), g in bad.groupby(["variant", "target"], sort=True):
+        kinds = ", ".join(f"{k} ×{n:,}" for k, n in g["error"].value_counts().sort_index().items())
+        out.append(f"**{variant}**, {target}: {len(g):,} of {totals[(variant, target)]:,} requests failed ({kinds}); "
+                   "latency and fairness figures leave them out.")
+    return out
+
+
 def conclusions(summary: pd.DataFrame, sync: pd.DataFrame, samples: pd.DataFrame) -> list[str]:
     """Sentences computed from the tables (the report's "Conclusions")."""
     out: list[str] = []
@@ -447,6 +466,7 @@ def conclusions(summary: pd.DataFrame, sync: pd.DataFrame, samples: pd.DataFrame
             f"{r['mw_p_less'] if r['verdict'] == 'falls' else r['mw_p']:.2g}): "
             f"**{r['verdict']}**."
         )
+    out += failed_requests(samples)
     out += relative_growth(lt)
     out += control_comparisons(lt)
     # the trace behind the note was made in the guest kernel (6.1): only said of runs there

@@ -256,6 +256,36 @@ def flush_conntrack(ns: str) -> int:
         return 0
 
 
+#: Source ports of connections that go through a Service (``via`` clusterIP, nodePort,
+#: loadBalancer, dns) and of those that go straight to a pod (``via: pod``, the
+#: control): the two halves of Linux's default ``ip_local_port_range`` (32768-60999).
+SERVICE_PORTS = (32768, 46883)
+DIRECT_PORTS = (46884, 60999)
+
+
+def set_source_ports(ns: str, ports: tuple[int, int]) -> None:
+    """Set ``net.ipv4.ip_local_port_range`` of namespace ``ns`` (a pod's or a client's):
+    the source ports its new connections draw from.
+
+    Experiment hygiene, not kube-proxy behaviour. IPVS keeps a connection entry after
+    the client's RST (10 s in CLOSE; 2 min in TIME_WAIT after a FIN) and matches
+    replies by real server and client address:port, whatever the virtual address was.
+    A direct connection from the same pod and source port to that same backend then
+    has its SYN-ACK rewritten to come from the VIP, and times out: measured in the
+    guest kernel, 16 of 16 such reuses within seconds timed out in ipvs mode (0 of 16 in
+    iptables mode, whose conntrack NAT picks another port). Linux draws ports per
+    destination from its own random offset, so a probe straight to a pod right after
+    a Service probe from the same pods hit it now and then (ETIMEDOUT rows in the
+    control). Disjoint ranges for the two kinds of probes rule it out. Refuses any
+    namespace the project did not create."""
+    _own_netns(ns, "netns")
+    lo, hi = ports
+    if not 1024 <= lo < hi <= 65535:
+        raise InputError(f'Invalid value: "{lo}-{hi}": must be a range within 1024-65535', field="ip_local_port_range")
+    with netns.entered(ns):
+        netns.sysctl("net.ipv4.ip_local_port_range", f"{lo} {hi}")
+
+
 def resolv_conf_resolver(ns: str, timeout: float = 2.0) -> Resolver:
     """A resolver behaving like the pod's libc: nameservers, ``search`` and
     ``ndots`` from ``/etc/netns/<ns>/resolv.conf`` (the file ``ip netns exec`` mounts

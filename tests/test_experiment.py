@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, sigint_default
-from testbed import experiment, report, state
+from testbed import experiment, report, state, traffic
 from testbed.errors import InputError
 
 SEED = str(ROOT / "topologies" / "seed.yaml")
@@ -248,6 +248,14 @@ def test_tiny_run_end_to_end(tmp_path):
             assert [n for _, _, n in spans] == [40, 40, 40]
     # pod -> ClusterIP keeps the pod's address (no masquerade from the pod CIDR)
     assert (overall[overall["target"] == "clusterip"]["src_preserved"] == 1.0).all()
+    # the same pods send through the Service and straight to a pod from disjoint source
+    # ports (IPVS would rewrite a direct reply that reuses a port it still holds)
+    seen = samples[(samples["ask"] == "clientip") & samples["target"].isin(["clusterip", "direct"])]
+    ports = seen.assign(port=seen["source_seen"].str.rsplit(":", n=1).str[1].astype(int)).groupby("target")["port"]
+    assert len(ports.groups) == 2
+    lo, hi = ports.min(), ports.max()
+    assert traffic.SERVICE_PORTS[0] <= lo["clusterip"] and hi["clusterip"] <= traffic.SERVICE_PORTS[1]
+    assert traffic.DIRECT_PORTS[0] <= lo["direct"] and hi["direct"] <= traffic.DIRECT_PORTS[1]
     # the probed Service is matched after every background Service
     big = overall[overall["services"] == 300]
     assert (big["dispatch_position"] > 300).all()

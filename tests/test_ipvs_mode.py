@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -68,6 +69,41 @@ def _connect(ns: str, ip: str, port: int, timeout: float) -> str:
         return f"error {e.errno}"
     finally:
         s.close()
+
+
+def _get_from(ns: str, sport: int, ip: str, port: int, timeout: float) -> str:
+    """GET /hostname from source port ``sport``, closed with an RST as the traffic
+    generator closes: the pod's name, "timeout" or "error N"."""
+    from testbed import netns
+
+    with netns.entered(ns):
+        s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.settimeout(timeout)
+    try:
+        s.bind(("0.0.0.0", sport))
+        s.connect((ip, port))
+        s.sendall(b"GET /hostname HTTP/1.1\r\nHost: x\r\n\r\n")
+        return s.recv(65536).partition(b"\r\n\r\n")[2].decode().strip()
+    except (TimeoutError, socket.timeout):
+        return "timeout"
+    except OSError as e:
+        return f"error {e.errno}"
+    finally:
+        s.close()
+
+
+def _port_reuse(ns: str, cip: str, pods: dict[str, str]) -> dict:
+    """A pod asks the ClusterIP from one source port, then asks the backend that answered
+    straight away from the same port (and, for contrast, from another port). IPVS still
+    holds the first connection (CLOSE, 10 s) and matches the second one's reply to it.
+    This is why the experiment's probes straight to a pod never share source ports with
+    its probes through a Service (testbed.traffic.set_source_ports)."""
+    via = _get_from(ns, 47000, cip, 80, 3.0)
+    ip = next((i for i, p in pods.items() if p == via), "")
+    return {"via": via, "same_port": _get_from(ns, 47000, ip, 8080, 1.5) if ip else "",
+            "other_port": _get_from(ns, 47002, ip, 8080, 1.5) if ip else ""}
 
 
 def scheduler_checks() -> dict:
@@ -247,6 +283,7 @@ def inside() -> dict:
         res["rr"] = {node: dict(Counter(http_get(p.netns, cip, 80, "/hostname") for _ in range(20))) for node, p in toolbox.items()}
         res["clientip_from_pod"] = {node: http_get(p.netns, cip, 80, "/clientip").split(":")[0] for node, p in toolbox.items()}
         res["pod_ip"] = {node: p.ip for node, p in toolbox.items()}
+        res["port_reuse"] = _port_reuse(toolbox["node2"].netns, cip, {pod_ip[p]: p for p in myapp})
 
         # NodePort (eTP=Cluster) from an external client, on every node
         client = c.clients[0]
@@ -476,6 +513,14 @@ def test_round_robin_counts_differ_by_at_most_one(res):
         assert max(counts.values()) - min(counts.values()) <= 1, (node, counts)
     # pod -> ClusterIP keeps the pod's address (no masquerade from the pod CIDR)
     assert res["clientip_from_pod"] == res["pod_ip"]
+
+
+def test_a_direct_connection_on_a_port_ipvs_still_holds_times_out(res):
+    """The kernel behaviour behind testbed.traffic.set_source_ports: IPVS rewrites the
+    reply of a direct connection that reuses a (client, port, backend) it still holds."""
+    r = res["port_reuse"]
+    assert r["via"] in res["myapp"], r
+    assert r["same_port"] == "timeout" and r["other_port"] == r["via"], r
 
 
 def test_nodeport_masquerades_and_reaches_every_pod(res):

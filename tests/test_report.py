@@ -113,6 +113,11 @@ def test_conclusions_follow_the_data(results):
     assert st.loc[("ipvs rr", "full"), "verdict"] == "flat"
     text = "\n".join(report.conclusions(summary, sync, samples))
     assert "**iptables (legacy)**, clusterip: first-packet (connect) p10" in text and "**grows**" in text
+    # failures are counted by kind over the measured requests (warm-up left out), and said
+    for v in ("iptables (legacy)", "ipvs rr"):
+        assert f"**{v}**, clusterip: 9 of 5,400 requests failed (ECONNRESET ×9)" in text
+    clean = samples.assign(error="")
+    assert report.failed_requests(clean) == ["No request failed (10,800 measured)."]
 
 
 def _stretches(variant: str, mode: str, services: int, rep: int, slow_blocks: list[int], rng: np.random.Generator,

@@ -29,6 +29,7 @@ from testbed.traffic import (
     flush_conntrack,
     host_load,
     run,
+    set_source_ports,
     summary,
 )
 
@@ -96,6 +97,8 @@ def test_sources_must_be_project_namespaces():
         run([Source("a", "tb-a"), Source("b", "tb-b")], Target("10.0.0.1", 80), requests=1, concurrency=1)
     with pytest.raises(InputError, match="flush|namespace"):
         flush_conntrack("host")  # never the host's table
+    with pytest.raises(InputError, match="namespace"):
+        set_source_ports("host", (40000, 41000))  # never the host's port range
 
 
 def _plan(proc, nprocs, rate, arrivals, total=None, duration_ns=None):
@@ -382,6 +385,24 @@ def test_resolver_hook(cluster):
     assert set(per.loc[per["client"] == other.name, "error"]) == {"EAI_NONAME"}
     with pytest.raises(InputError, match="resolver"):
         run([_src(client), _src(other)], t, requests=2, concurrency=2, resolver={client.name: resolver})
+
+
+@root
+def test_source_ports_follow_the_namespaces_range(cluster):
+    pod = _toolbox(cluster)[2]
+    cip = _svc_ip(cluster, "my-clusterip-service")
+    with pytest.raises(InputError, match="ip_local_port_range"):
+        set_source_ports(pod.netns, (50000, 40000))
+    try:
+        set_source_ports(pod.netns, (51000, 51099))
+        df = run([_src(pod)], Target(cip, 80), requests=20, ask="clientip")
+        ports = {int(s.rsplit(":", 1)[1]) for s in df["source_seen"]}
+        assert len(df) == 20 and (df["error"] == "").all()
+        assert len(ports) > 1 and all(51000 <= p <= 51099 for p in ports), sorted(ports)
+        with netns.entered(pod.netns):
+            assert open("/proc/sys/net/ipv4/ip_local_port_range").read().split() == ["51000", "51099"]
+    finally:
+        set_source_ports(pod.netns, (32768, 60999))  # Linux's default, for the tests after this one
 
 
 @root

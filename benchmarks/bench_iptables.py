@@ -14,21 +14,22 @@ kube-proxy's own ``generateServiceEndpoints`` benchmarks). For each N and backen
 2. **applier** (A): ``IPTablesProxier.sync(objects, full=True)`` on a fresh node namespace,
    starting with empty memo caches (chain-name hashes, parsed addresses) as a fresh
    ``testbed`` process or kube-proxy's first sync does; wall time of the whole call
-   (maps, ``iptables-save``, render, canary + jump rules, ``iptables-restore``, state
-   file). **bare** (B):
+   (maps, ``iptables-save``, render, canary + jump rules, ``iptables-restore`` fed while
+   the nat part is still being rendered, state file). **bare** (B):
    ``iptables-<backend>-restore --noflush --counters`` of the very text the applier fed
    its restore, in another fresh namespace. A and B alternate (A,B then B,A, ...), each
    after kernel workers went quiet (a namespace's ruleset is freed after the fact) and,
    for at most ``--idle-max`` s, until a core is free. Medians; ratio = applier / bare
    (goal <= 1.2), in wall seconds; also in CPU seconds (the applier's process + the tools
-   it spawned vs the bare tool): what the sync costs the machine (its fingerprints are
-   computed while its restore runs).
+   it spawned vs the bare tool): what the sync costs the machine, more than its wall
+   time now that its Python partly runs beside its restore.
 3. **add one**: after A's full sync, one more Service + its slice, ``sync()`` without
    ``full`` (a partial sync); then, for comparison, ``sync(full=True)`` of those N+1
    Services on the same (now populated) namespace: the curve of kube-proxy's scale studies.
 
 Every goal is printed as a ratio, never asserted. ``--profile`` prints where the applier's
-time goes (each tool it spawns is timed by wrapping ``testbed.kubeproxy.run_in``);
+time goes (each tool it spawns is timed by wrapping ``testbed.kubeproxy.run_in`` and
+``stream_in``);
 ``--prototype`` also times :class:`LeanProxier`, a leaner applier kept in this file, to put
 numbers on the suggestions. ``--json`` keeps every sample.
 
@@ -285,27 +286,44 @@ def _category(argv: list[str]) -> str:
 
 @contextlib.contextmanager
 def instrumented(rec: dict) -> Iterator[None]:
-    """Time every tool the applier spawns (by kind), its build_maps and its render;
-    keep the text its restore was fed (``rec["text"]``)."""
+    """Time every tool the applier spawns (by kind), its build_maps and its render (the
+    part before the restore starts: constructing IPTablesSync; the nat rules are
+    formatted while the restore reads, inside the restore's time); keep the chunks
+    the restore was fed (``rec["pieces"]``)."""
     orig_run_in = kubeproxy.run_in
-    orig_render = kubeproxy.render_iptables_sync
+    orig_stream_in = kubeproxy.stream_in
+    orig_sync = kubeproxy.IPTablesSync
     orig_build = servicemap.build_maps
+
+    def tally(cat: str, t: float) -> None:
+        rec[cat] = rec.get(cat, 0.0) + time.perf_counter() - t
+        rec[cat + "_n"] = rec.get(cat + "_n", 0) + 1
 
     def run_in(ns, argv, input=None, check=True, **kw):  # noqa: ANN001, A002, ANN003
         t = time.perf_counter()
         try:
             return orig_run_in(ns, argv, input=input, check=check, **kw)
         finally:
-            cat = _category(argv)
-            rec[cat] = rec.get(cat, 0.0) + time.perf_counter() - t
-            rec[cat + "_n"] = rec.get(cat + "_n", 0) + 1
+            tally(_category(argv), t)
 
-    def render(*a, **kw):  # noqa: ANN002, ANN003
+    def stream_in(ns, argv, chunks, **kw):  # noqa: ANN001, ANN003
         t = time.perf_counter()
-        r = orig_render(*a, **kw)
-        rec["render"] = rec.get("render", 0.0) + time.perf_counter() - t
-        rec["text"] = r.text
-        return r
+        try:
+            return orig_stream_in(ns, argv, chunks, **kw)
+        finally:
+            tally(_category(argv), t)
+
+    class Sync(orig_sync):  # type: ignore[misc, valid-type]
+        def __init__(self, *a, **kw):  # noqa: ANN002, ANN003
+            t = time.perf_counter()
+            super().__init__(*a, **kw)
+            rec["render"] = rec.get("render", 0.0) + time.perf_counter() - t
+
+        def chunks(self, *a, **kw):  # noqa: ANN002, ANN003, ANN201
+            pieces = rec.setdefault("pieces", [])
+            for c in super().chunks(*a, **kw):
+                pieces.append(c)
+                yield c
 
     def build(*a, **kw):  # noqa: ANN002, ANN003
         t = time.perf_counter()
@@ -313,11 +331,12 @@ def instrumented(rec: dict) -> Iterator[None]:
         rec["build_maps"] = rec.get("build_maps", 0.0) + time.perf_counter() - t
         return r
 
-    kubeproxy.run_in, kubeproxy.render_iptables_sync, servicemap.build_maps = run_in, render, build
+    kubeproxy.run_in, kubeproxy.stream_in, kubeproxy.IPTablesSync, servicemap.build_maps = run_in, stream_in, Sync, build
     try:
         yield
     finally:
-        kubeproxy.run_in, kubeproxy.render_iptables_sync, servicemap.build_maps = orig_run_in, orig_render, orig_build
+        kubeproxy.run_in, kubeproxy.stream_in, kubeproxy.IPTablesSync, servicemap.build_maps = (
+            orig_run_in, orig_stream_in, orig_sync, orig_build)
 
 
 def _children_cpu() -> float:
@@ -338,6 +357,8 @@ def timed_sync(proxier: IPTablesProxier, objects: list[dict], full: bool) -> tup
         rec["total"] = time.perf_counter() - t
         rec["cpu"] = time.process_time() - c0 + _children_cpu() - k0
     rec["result"] = res
+    if "pieces" in rec:
+        rec["text"] = "".join(rec.pop("pieces"))
     known = sum(rec.get(k, 0.0) for k in ("build_maps", "render", "save", "setup", "restore"))
     rec["other"] = rec["total"] - known
     return rec["total"], rec
@@ -679,7 +700,7 @@ def print_table(rows: list[dict], renders: dict[int, tuple[float, float]], proto
     print("load = the machine's 1-min load average when the measurements started (2 cores, shared); "
           "add/full = add-one / full N+1")
     print("tools/bare = the applier's tool phases (save + setup + restore; the restore's wall includes the "
-          "fingerprints computed meanwhile) / bare; "
+          "nat lines rendered while it reads) / bare; "
           "kernel = rule counts in the kernel agree (A = B + 3 nat jumps"
           + (", lean's iptables-save = A's, order included)" if prototype else ")"))
     hdr = (f"{'N':>6} {'backend':>7} {'reps':>4} {'render s':>11} {'applier s':>10} {'bare s':>8} {'ratio':>6} {'cpu ratio':>9} "
@@ -726,8 +747,9 @@ def print_table(rows: list[dict], renders: dict[int, tuple[float, float]], proto
 
 def print_profile(rows: list[dict]) -> None:
     print()
-    print("Where the applier's time goes (medians, s; [processes]; setup = canary chains + jump rules, "
-          "other = fingerprints (partial syncs), state file, sysctls)")
+    print("Where the applier's time goes (medians, s; [processes]; render = before the restore starts "
+          "(the filter table), the nat chains and rules are rendered while it reads, inside restore;")
+    print("  setup = canary chains + jump rules, other = fingerprints, state file, sysctls)")
     print(f"{'N':>6} {'backend':>7} {'sync':>10} {'total':>7} {'cpu':>7} {'maps':>6} {'render':>7} {'save':>11} "
           f"{'setup':>12} {'restore':>8} {'other':>6}")
     for r in rows:

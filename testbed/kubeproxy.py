@@ -7,8 +7,10 @@ Mirrors what ``Proxier.syncProxyRules`` does around the rendered buffer
 * on a full sync it ensures the jump rules from the built-in chains
   (``iptables -C`` then ``-I``, each prepended) and the canary chains;
 * it feeds the buffer to ``iptables-restore --noflush --counters`` (with ``-w``), so
-  only the chains declared in the buffer are flushed and rewritten; a failed restore
-  makes the next sync a full one (``needFullSync``);
+  only the chains declared in the buffer are flushed and rewritten; the buffer is
+  streamed: the restore reads the filter table while the nat chains and rules are
+  still being rendered (:class:`~testbed.proxy.iptables.IPTablesSync`), the bytes are
+  the same; a failed restore makes the next sync a full one (``needFullSync``);
 * later syncs are partial: only Services whose ServicePorts or endpoints changed get
   their chains rewritten; stale KUBE-SVC/SVL/SEP/FW/EXT chains (found with
   ``iptables-save -t nat``) are flushed and deleted with ``-X``;
@@ -27,13 +29,16 @@ tool as kube-proxy's conntrack cleanup does over netlink.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import hashlib
 import json
 import os
+import queue
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
@@ -48,7 +53,7 @@ from testbed.proxy.iptables import (
     CANARY_TABLES,
     JUMP_RULES,
     IPTablesConfig,
-    render_iptables_sync,
+    IPTablesSync,
 )
 
 BACKENDS = ("legacy", "nft")
@@ -62,35 +67,103 @@ def tool(backend: str, name: str) -> str:
     return f"{base}-{backend}" + (f"-{suffix}" if suffix else "")
 
 
-def run_in(ns: str, argv: list[str], input: str | None = None, check: bool = True,
-           meanwhile: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
-    """Run a real tool inside namespace ``ns`` (no shell; argv as given).
+def run_in(ns: str, argv: list[str], input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a real tool inside namespace ``ns`` (no shell; argv as given)."""
+    with netns.entered(ns):
+        r = subprocess.run(argv, input=input, capture_output=True, text=True)
+    return _checked(ns, r) if check else r
 
-    ``meanwhile``: work of the caller's that does not depend on the tool, done in the
-    calling thread while the tool runs. The tool then reads its input from an
-    in-memory file at its own pace, so it never waits for this process (or its GIL)
-    to feed a pipe; on any exception (Ctrl-C too) it is killed and reaped."""
-    if meanwhile is None:
-        with netns.entered(ns):
-            r = subprocess.run(argv, input=input, capture_output=True, text=True)
-    else:
-        with os.fdopen(os.memfd_create("tool-input"), "w+b") as stdin:
-            stdin.write((input or "").encode())
-            stdin.seek(0)
-            with netns.entered(ns):
-                proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            try:
-                meanwhile()
-                out, err = proc.communicate()  # the tools here print a few lines at most
-            except BaseException:
-                proc.kill()
-                proc.communicate()
-                raise
-        r = subprocess.CompletedProcess(argv, proc.returncode, out, err)
-    if check and r.returncode != 0:
+
+def _checked(ns: str, r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """``r``, or a KernelError naming the tool, the namespace and its first line of
+    complaint."""
+    if r.returncode != 0:
         msg = (r.stderr or r.stdout).strip().splitlines()
-        raise KernelError(f"{' '.join(argv[:3])} in {ns} failed (exit {r.returncode}): {msg[0] if msg else ''}")
+        raise KernelError(f"{' '.join(r.args[:3])} in {ns} failed (exit {r.returncode}): {msg[0] if msg else ''}")
     return r
+
+
+#: ``F_SETPIPE_SZ`` (linux/fcntl.h); Python's ``fcntl`` module has it from 3.10 on.
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def stream_in(ns: str, argv: list[str], chunks: Iterable[str],
+              meanwhile: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+    """Run a real tool inside namespace ``ns`` with ``chunks`` written to its stdin as
+    they are made: the tool works on the first while the later ones are being made.
+
+    The calling thread makes the chunks (as fast as it can: Python, under the GIL) and
+    hands them to a writer thread, which blocks on the pipe at the tool's pace without
+    holding the GIL; then it runs ``meanwhile``. If making a chunk fails, the tool is
+    killed before it can read end-of-file, so it never commits a table it has not
+    seen whole, and the error is raised."""
+    r_fd, w_fd = os.pipe()
+    try:
+        fcntl.fcntl(w_fd, _F_SETPIPE_SZ, 1 << 20)  # fewer wake-ups; the default max size
+    except OSError:
+        pass
+    try:
+        with netns.entered(ns):
+            proc = subprocess.Popen(argv, stdin=r_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except BaseException:
+        os.close(w_fd)
+        raise
+    finally:
+        os.close(r_fd)
+    pending: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    try:
+        w = os.fdopen(w_fd, "wb")
+    except BaseException:
+        os.close(w_fd)
+        proc.kill()
+        proc.communicate()
+        raise
+
+    def write() -> None:
+        try:
+            while (data := pending.get()) is not None:
+                w.write(data)
+                w.flush()
+        except BrokenPipeError:  # the tool exited early (it says why on stderr)
+            while pending.get() is not None:
+                pass
+        except BaseException:
+            proc.kill()  # before the pipe closes: a cut input must not reach end-of-file
+            raise
+        finally:
+            try:
+                w.close()  # end-of-file for the tool (if it is still alive)
+            except BrokenPipeError:
+                pass
+
+    writer = threading.Thread(target=write, name="tool-input", daemon=True)
+    try:
+        writer.start()
+    except BaseException:
+        w.close()
+        proc.kill()
+        proc.communicate()
+        raise
+    made = False
+    try:
+        try:
+            for chunk in chunks:
+                pending.put(chunk.encode())
+            made = True
+        finally:
+            if not made:
+                proc.kill()  # before the writer closes the pipe: no end-of-file, no commit
+            pending.put(None)
+        if meanwhile is not None:
+            meanwhile()
+        out, err = proc.communicate()  # the tools here print a few lines at most
+    except BaseException:  # also Ctrl-C while the tool runs: it does not outlive the call
+        proc.kill()
+        proc.communicate()
+        raise
+    finally:
+        writer.join()
+    return _checked(ns, subprocess.CompletedProcess(argv, proc.returncode, out, err))
 
 
 def node_config(cluster: Cluster, node: Node, **overrides) -> IPTablesConfig:
@@ -111,8 +184,10 @@ def node_config(cluster: Cluster, node: Node, **overrides) -> IPTablesConfig:
 
 @dataclass
 class SyncResult:
-    """One node's sync: ``render_s`` until the rules are rendered (maps included),
-    ``apply_s`` the rest (the tools, until the last has exited)."""
+    """One node's sync. ``render_s``: from the start to the moment the restore starts
+    (in iptables mode the maps and the filter pass; the nat chains and rules are
+    rendered while the restore reads, so they count in ``apply_s``, which runs until
+    the restore has exited)."""
 
     node: str
     full: bool
@@ -206,20 +281,22 @@ class IPTablesProxier:
         # `iptables-save -t nat`) and, on full syncs, which chains and jump rules exist.
         saved = run_in(ns, [tool(self.backend, "iptables-save")] + ([] if full else ["-t", "nat"])).stdout
         self.config.tcp_be_liberal = self._sysctl_int("net/netfilter/nf_conntrack_tcp_be_liberal") != 0
-        result = render_iptables_sync(services, endpoints, self.config, changed=changed,
-                                      existing_nat_chains=_table(saved, "nat"))
+        # Everything but the nat rules is rendered here; the nat rules are formatted
+        # while iptables-restore already reads the rest (IPTablesSync).
+        sync = IPTablesSync(services, endpoints, self.config, changed=changed, existing_nat_chains=_table(saved, "nat"))
         t1 = time.perf_counter()
         if full:
             self._full_sync_setup(saved)
         # A full sync computes the fingerprints (for the next, partial, sync) while
         # iptables-restore loads the buffer: they only go into the state file.
         try:
-            run_in(ns, [tool(self.backend, "iptables-restore"), "-w", "5", "--noflush", "--counters"], input=result.text,
-                   meanwhile=(lambda: prints.update(service_fingerprints(services, endpoints))) if full else None)
+            stream_in(ns, [tool(self.backend, "iptables-restore"), "-w", "5", "--noflush", "--counters"], sync.chunks(),
+                      meanwhile=(lambda: prints.update(service_fingerprints(services, endpoints))) if full else None)
         except BaseException:
             # kube-proxy sets needFullSync after a failed restore: the next sync is full.
             self.state_file.unlink(missing_ok=True)
             raise
+        result = sync.result()
         t2 = time.perf_counter()
         self.state_file.write_text(json.dumps({"backend": self.backend, "services": prints}))
         return SyncResult(

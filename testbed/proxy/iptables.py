@@ -27,7 +27,7 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 from .types import (
     Endpoint,
@@ -52,6 +52,7 @@ __all__ = [
     "LARGE_CLUSTER_ENDPOINTS_THRESHOLD",
     "render_iptables",
     "render_iptables_sync",
+    "IPTablesSync",
     "chains_from_iptables_save",
     "is_service_chain_name",
     "port_proto_hash",
@@ -273,7 +274,8 @@ class IPTablesConfig(ProxierFlags):
 class IPTablesRender:
     """One sync's output.
 
-    * ``text``: the ``iptables-restore --noflush --counters`` input.
+    * ``text``: the ``iptables-restore --noflush --counters`` input (``""`` from a
+      streamed :class:`IPTablesSync` whose caller did not keep it).
     * ``full_sync``: whether every service's chains were written.
     * ``filter_rules_count``: ``sync_proxy_rules_iptables_total{table="filter"}``.
     * ``nat_rules_count``: ``sync_proxy_rules_iptables_total{table="nat"}``: rules that
@@ -359,345 +361,474 @@ def render_iptables_sync(
       there that this sync does not want is flushed (``:CHAIN - [0:0]``) and deleted
       (``-X CHAIN``). ``None`` skips that step, which is what kube-proxy does in large-
       cluster mode until ``syncPeriod`` has passed since the last cleanup.
+
+    The text is the concatenation of :meth:`IPTablesSync.chunks`, the form an applier
+    streams into ``iptables-restore``.
     """
-    full_sync = changed is None
-    changed_nn = changed_service_names(changed)
+    sync = IPTablesSync(services, endpoints, config, changed=changed, existing_nat_chains=existing_nat_chains)
+    return sync.result("".join(sync.chunks()))
 
-    is_v6 = config.is_ipv6
-    mark = config.mark
-    node_name = config.hostname_override
-    topo = config.topology_labels
-    prefer_node = config.prefer_same_traffic_distribution
-    local_cidr = config.local_cidr()
-    npa = NodePortAddresses(config.ip_family, config.nodeport_addresses)
-    localhost_nodeports = config.localhost_nodeports_enabled()
-    localhost_np_rule = localhost_nodeports and config.nfacct  # && ipFamily == IPv4 (implied)
-    node_ip = None
-    if config.node_ip:
-        try:
-            node_ip = ipaddress.ip_address(config.node_ip)
-        except ValueError:
-            node_ip = None
 
-    filter_chains: list[str] = []
-    filter_rules: list[str] = []
-    nat_chains: list[str] = []
-    nat_rules: list[str] = []
-    skipped_chains = _Discard()
-    skipped_rules = _Discard()
+class _Planned(NamedTuple):
+    """One ServicePort as the first pass leaves it: the locals of one iteration of
+    ``syncProxyRules``' service loop that need no chain name."""
 
-    for chain in (KUBE_SERVICES, KUBE_EXTERNAL_SERVICES, KUBE_FORWARD, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL):
-        filter_chains.append(f":{chain} - [0:0]")
-    for chain in (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ):
-        nat_chains.append(f":{chain} - [0:0]")
+    svc: ServicePort
+    name: str
+    proto: str
+    pmatch: str
+    dport: str
+    has_endpoints: bool
+    has_internal: bool
+    has_external: bool
+    uses_ext: bool
+    uses_fw: bool
+    cluster_eps: Sequence[Endpoint] | None  # None: no KUBE-SVC chain
+    local_eps: Sequence[Endpoint] | None  # None: no KUBE-SVL chain
+    reachable: Sequence[Endpoint]
+    write: bool  # its chains are written (full sync, or the Service changed)
 
-    nat_rules.append(f"-A {KUBE_POSTROUTING} -m mark ! --mark {mark}/{mark} -j RETURN")
-    nat_rules.append(f"-A {KUBE_POSTROUTING} -j MARK --xor-mark {mark}")
-    masq = f'-A {KUBE_POSTROUTING} -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE'
-    nat_rules.append(masq + " --random-fully" if config.random_fully else masq)
-    nat_rules.append(f"-A {KUBE_MARK_MASQ} -j MARK --or-mark {mark}")
 
-    if not is_v6 and localhost_nodeports:
-        filter_chains.append(f":{KUBE_FIREWALL} - [0:0]")
-        filter_rules.append(
-            f'-A {KUBE_FIREWALL} -m comment --comment "block incoming localnet connections" '
-            "-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
-        )
+class _Names(NamedTuple):
+    """Its chains (second pass): ``KUBE-SVC-``/``SVL-``/``FW-``/``EXT-`` + the
+    port-protocol hash, and the ``KUBE-SEP-`` chain of each reachable endpoint."""
 
-    active: set[str] = set()
+    svc_chain: str
+    svl_chain: str
+    fw_chain: str
+    ext_chain: str
+    sep_names: Mapping[str, str]
 
-    total_endpoints = 0
-    for spn in services:
-        eps = endpoints.get(spn)
-        if eps:
-            total_endpoints += len(eps)
-    large = total_endpoints > LARGE_CLUSTER_ENDPOINTS_THRESHOLD
 
-    no_local_internal = 0
-    no_local_external = 0
-    hc_ports: dict[NamespacedName, int] = {}
+class IPTablesSync:
+    """One ``syncProxyRules``, rendered in passes so that an applier can stream it.
 
-    if_not_local = f" ! -s {local_cidr}" if local_cidr else ""
+    kube-proxy writes four buffers (filter chains, filter rules, nat chains, nat rules)
+    in one loop over the services and hands ``iptables-restore`` their concatenation.
+    Here that loop runs as three passes over the services, each writing the lines of
+    one part in kube-proxy's order, so the text can go to the restore while it is
+    being made:
 
-    for spn in sorted(services):
-        svc = services[spn]
-        proto = svc.protocol.lower()
-        name = str(spn)
-        h = port_proto_hash(name, proto)
-        svc_chain = SVC_PREFIX + h
-        svl_chain = SVL_PREFIX + h
-        fw_chain = FW_PREFIX + h
-        ext_chain = EXT_PREFIX + h
-        if svc.health_check_node_port:
-            hc_ports[spn.namespaced_name] = svc.health_check_node_port
+    1. constructing this object: every filter line (they depend on every Service's
+       endpoints), and what the other passes need; no chain name is hashed here
+       unless a filter rule names it;
+    2. :meth:`chunks` yields the filter table and the top-level nat chains at once,
+       then hashes the chain names and yields the nat chain lines (``:KUBE-SEP-...``)
+       as it goes; the restore creates chains more slowly than they are named;
+    3. then the nat rules (some 90 % of the text), in pieces.
 
-        cluster_eps, local_eps, reachable, has_endpoints = categorize_endpoints(
-            endpoints.get(spn), svc, node_name, topo, prefer_same_node=prefer_node
-        )
-        uses_cluster_chain = bool(cluster_eps) and svc.uses_cluster_endpoints()
-        uses_local_chain = bool(local_eps) and svc.uses_local_endpoints()
+    The concatenation is byte for byte the one-loop buffer (see
+    :func:`render_iptables_sync`); :meth:`result` gives the counters once the chunks
+    are consumed."""
 
-        internal_chain = svc_chain
-        has_internal = has_endpoints
-        if svc.internal_policy_local:
-            internal_chain = svl_chain
-            if not local_eps:
-                has_internal = False
-        external_policy_chain = svc_chain
-        has_external = has_endpoints
-        if svc.external_policy_local:
-            external_policy_chain = svl_chain
-            if not local_eps:
-                has_external = False
-        uses_ext = has_endpoints and svc.externally_accessible()
-        uses_fw = has_endpoints and bool(svc.load_balancer_vips) and bool(svc.load_balancer_source_ranges)
-        lb_chain = fw_chain if uses_fw else ext_chain
+    def __init__(
+        self,
+        services: Mapping[ServicePortName, ServicePort],
+        endpoints: Mapping[ServicePortName, Sequence[Endpoint]],
+        config: IPTablesConfig,
+        *,
+        changed: Iterable[ServicePortName | NamespacedName | tuple[str, str]] | None = None,
+        existing_nat_chains: str | Iterable[str] | None = None,
+    ) -> None:
+        self.full_sync = full_sync = changed is None
+        self.masquerade_all = config.masquerade_all
+        self.existing_nat_chains = existing_nat_chains
+        changed_nn = changed_service_names(changed)
 
-        int_target = int_comment = ext_target = ext_comment = ""
-        if not has_endpoints:
-            int_target = ext_target = "REJECT"
-            int_comment = ext_comment = f'"{name} has no endpoints"'
-        else:
-            if not has_internal:
-                int_target = "DROP"
-                int_comment = f'"{name} has no local endpoints"'
-                no_local_internal += 1
-            if not has_external:
-                ext_target = "DROP"
-                ext_comment = f'"{name} has no local endpoints"'
-                no_local_external += 1
+        is_v6 = config.is_ipv6
+        mark = config.mark
+        node_name = config.hostname_override
+        topo = config.topology_labels
+        prefer_node = config.prefer_same_traffic_distribution
+        self.local_cidr = config.local_cidr()
+        self.localhost_nodeports = localhost_nodeports = config.localhost_nodeports_enabled()
+        self.localhost_np_rule = localhost_nodeports and config.nfacct  # && ipFamily == IPv4 (implied)
+        self.node_ip = None
+        if config.node_ip:
+            try:
+                self.node_ip = ipaddress.ip_address(config.node_ip)
+            except ValueError:
+                self.node_ip = None
 
-        pmatch = f"-m {proto} -p {proto}"
-        dport = f"--dport {svc.port}"
-        cip = svc.cluster_ip
+        filter_chains: list[str] = []
+        filter_rules: list[str] = []
+        for chain in (KUBE_SERVICES, KUBE_EXTERNAL_SERVICES, KUBE_FORWARD, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL):
+            filter_chains.append(f":{chain} - [0:0]")
+        nat_chains = [f":{chain} - [0:0]" for chain in (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ)]
 
-        # Capture the clusterIP.
-        if has_internal:
-            nat_rules.append(
-                f'-A {KUBE_SERVICES} -m comment --comment "{name} cluster IP" {pmatch} -d {cip} {dport} -j {internal_chain}'
-            )
-        else:
+        # The first nat rules (written in the third pass, first).
+        masq = f'-A {KUBE_POSTROUTING} -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE'
+        self.nat_head = [
+            f"-A {KUBE_POSTROUTING} -m mark ! --mark {mark}/{mark} -j RETURN",
+            f"-A {KUBE_POSTROUTING} -j MARK --xor-mark {mark}",
+            masq + " --random-fully" if config.random_fully else masq,
+            f"-A {KUBE_MARK_MASQ} -j MARK --or-mark {mark}",
+        ]
+
+        if not is_v6 and localhost_nodeports:
+            filter_chains.append(f":{KUBE_FIREWALL} - [0:0]")
             filter_rules.append(
-                f"-A {KUBE_SERVICES} -m comment --comment {int_comment} {pmatch} -d {cip} {dport} -j {int_target}"
+                f'-A {KUBE_FIREWALL} -m comment --comment "block incoming localnet connections" '
+                "-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
             )
 
-        # Capture externalIPs.
-        for eip in svc.external_ips:
-            if has_endpoints:
-                nat_rules.append(
-                    f'-A {KUBE_SERVICES} -m comment --comment "{name} external IP" {pmatch} -d {eip} {dport} -j {ext_chain}'
+        total_endpoints = 0
+        for spn in services:
+            eps = endpoints.get(spn)
+            if eps:
+                total_endpoints += len(eps)
+        self.large = total_endpoints > LARGE_CLUSTER_ENDPOINTS_THRESHOLD
+        self.total_endpoints = total_endpoints
+
+        no_local_internal = 0
+        no_local_external = 0
+        hc_ports: dict[NamespacedName, int] = {}
+        plan: list[_Planned] = []
+
+        for spn in sorted(services):
+            svc = services[spn]
+            proto = svc.protocol.lower()
+            name = str(spn)
+            if svc.health_check_node_port:
+                hc_ports[spn.namespaced_name] = svc.health_check_node_port
+
+            cluster_eps, local_eps, reachable, has_endpoints = categorize_endpoints(
+                endpoints.get(spn), svc, node_name, topo, prefer_same_node=prefer_node
+            )
+            uses_cluster_chain = bool(cluster_eps) and svc.uses_cluster_endpoints()
+            uses_local_chain = bool(local_eps) and svc.uses_local_endpoints()
+
+            has_internal = has_endpoints
+            if svc.internal_policy_local and not local_eps:
+                has_internal = False
+            has_external = has_endpoints
+            if svc.external_policy_local and not local_eps:
+                has_external = False
+            uses_ext = has_endpoints and svc.externally_accessible()
+            uses_fw = has_endpoints and bool(svc.load_balancer_vips) and bool(svc.load_balancer_source_ranges)
+
+            int_target = int_comment = ext_target = ext_comment = ""
+            if not has_endpoints:
+                int_target = ext_target = "REJECT"
+                int_comment = ext_comment = f'"{name} has no endpoints"'
+            else:
+                if not has_internal:
+                    int_target = "DROP"
+                    int_comment = f'"{name} has no local endpoints"'
+                    no_local_internal += 1
+                if not has_external:
+                    ext_target = "DROP"
+                    ext_comment = f'"{name} has no local endpoints"'
+                    no_local_external += 1
+
+            pmatch = f"-m {proto} -p {proto}"
+            dport = f"--dport {svc.port}"
+
+            # The filter rules of each step, in kube-proxy's order; the nat rules of
+            # the same steps are written by _write_service_nat_rules.
+            # Capture the clusterIP.
+            if not has_internal:
+                filter_rules.append(
+                    f"-A {KUBE_SERVICES} -m comment --comment {int_comment} {pmatch} -d {svc.cluster_ip} {dport} -j {int_target}"
                 )
+            # Capture externalIPs.
             if not has_external:
-                filter_rules.append(
-                    f"-A {KUBE_EXTERNAL_SERVICES} -m comment --comment {ext_comment} {pmatch} -d {eip} {dport} -j {ext_target}"
-                )
-
-        # Capture load-balancer ingress.
-        for lbip in svc.load_balancer_vips:
-            if has_endpoints:
-                nat_rules.append(
-                    f'-A {KUBE_SERVICES} -m comment --comment "{name} loadbalancer IP" {pmatch} -d {lbip} {dport} -j {lb_chain}'
-                )
-            if uses_fw:
-                filter_rules.append(
-                    f'-A {KUBE_PROXY_FIREWALL} -m comment --comment "{name} traffic not accepted by {fw_chain}" '
-                    f"{pmatch} -d {lbip} {dport} -j DROP"
-                )
-        if not has_external:
-            for lbip in svc.load_balancer_vips:
-                filter_rules.append(
-                    f"-A {KUBE_EXTERNAL_SERVICES} -m comment --comment {ext_comment} {pmatch} -d {lbip} {dport} -j {ext_target}"
-                )
-
-        # Capture nodeports.
-        if svc.node_port:
-            if has_endpoints:
-                if localhost_np_rule:
-                    nat_rules.append(
-                        f"-A {KUBE_NODEPORTS} -m comment --comment {name} {pmatch} -d 127.0.0.0/8 --dport {svc.node_port} "
-                        f"-m nfacct --nfacct-name {NFACCT_LOCALHOST_NODEPORT_ACCEPTED} -j {ext_chain}"
+                for eip in svc.external_ips:
+                    filter_rules.append(
+                        f"-A {KUBE_EXTERNAL_SERVICES} -m comment --comment {ext_comment} {pmatch} -d {eip} {dport} -j {ext_target}"
                     )
-                nat_rules.append(
-                    f"-A {KUBE_NODEPORTS} -m comment --comment {name} {pmatch} --dport {svc.node_port} -j {ext_chain}"
-                )
+            # Capture load-balancer ingress.
+            if uses_fw:
+                fw_chain = FW_PREFIX + port_proto_hash(name, proto)
+                for lbip in svc.load_balancer_vips:
+                    filter_rules.append(
+                        f'-A {KUBE_PROXY_FIREWALL} -m comment --comment "{name} traffic not accepted by {fw_chain}" '
+                        f"{pmatch} -d {lbip} {dport} -j DROP"
+                    )
             if not has_external:
+                for lbip in svc.load_balancer_vips:
+                    filter_rules.append(
+                        f"-A {KUBE_EXTERNAL_SERVICES} -m comment --comment {ext_comment} {pmatch} -d {lbip} {dport} -j {ext_target}"
+                    )
+            # Capture nodeports.
+            if svc.node_port and not has_external:
                 filter_rules.append(
                     f"-A {KUBE_EXTERNAL_SERVICES} -m comment --comment {ext_comment} -m addrtype --dst-type LOCAL "
                     f"{pmatch} --dport {svc.node_port} -j {ext_target}"
                 )
+            # Capture healthCheckNodePorts.
+            if svc.health_check_node_port:
+                filter_rules.append(
+                    f'-A {KUBE_NODEPORTS} -m comment --comment "{name} health check node port" '
+                    f"-m tcp -p tcp --dport {svc.health_check_node_port} -j ACCEPT"
+                )
 
-        # Capture healthCheckNodePorts.
-        if svc.health_check_node_port:
-            filter_rules.append(
-                f'-A {KUBE_NODEPORTS} -m comment --comment "{name} health check node port" '
-                f"-m tcp -p tcp --dport {svc.health_check_node_port} -j ACCEPT"
-            )
+            plan.append(_Planned(
+                svc, name, proto, pmatch, dport, has_endpoints, has_internal, has_external, uses_ext, uses_fw,
+                cluster_eps if uses_cluster_chain else None, local_eps if uses_local_chain else None, reachable,
+                # Unchanged services keep their SVC/SVL/EXT/FW/SEP chains (partial sync).
+                full_sync or (spn.namespace, spn.name) in changed_nn,
+            ))
 
-        # Unchanged services keep their SVC/SVL/EXT/FW/SEP chains (partial sync).
-        if full_sync or (spn.namespace, spn.name) in changed_nn:
-            chains_out: list[str] = nat_chains
-            rules_out: list[str] = nat_rules
-        else:
-            chains_out = skipped_chains
-            rules_out = skipped_rules
-
-        # Internal traffic handling.
-        if has_internal:
-            args = f'-m comment --comment "{name} cluster IP" {pmatch} -d {cip} {dport}'
-            if config.masquerade_all:
-                rules_out.append(f"-A {internal_chain} {args} -j {KUBE_MARK_MASQ}")
-            elif local_cidr:
-                rules_out.append(f"-A {internal_chain} {args}{if_not_local} -j {KUBE_MARK_MASQ}")
-
-        # External traffic handling.
-        if uses_ext:
-            chains_out.append(f":{ext_chain} - [0:0]")
-            active.add(ext_chain)
-            if not svc.external_policy_local:
-                rules_out.append(
-                    f'-A {ext_chain} -m comment --comment "masquerade traffic for {name} external destinations" -j {KUBE_MARK_MASQ}'
+        # Drop INVALID packets unless nf_conntrack_tcp_be_liberal is set.
+        if not config.tcp_be_liberal:
+            if config.nfacct:
+                filter_rules.append(
+                    f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -m nfacct --nfacct-name {NFACCT_CT_STATE_INVALID_DROPPED} -j DROP"
                 )
             else:
-                if local_cidr:
-                    rules_out.append(
-                        f'-A {ext_chain} -m comment --comment "pod traffic for {name} external destinations" '
-                        f"-s {local_cidr} -j {svc_chain}"
-                    )
-                rules_out.append(
-                    f'-A {ext_chain} -m comment --comment "masquerade LOCAL traffic for {name} external destinations" '
-                    f"-m addrtype --src-type LOCAL -j {KUBE_MARK_MASQ}"
-                )
-                rules_out.append(
-                    f'-A {ext_chain} -m comment --comment "route LOCAL traffic for {name} external destinations" '
-                    f"-m addrtype --src-type LOCAL -j {svc_chain}"
-                )
-            if has_external:
-                rules_out.append(f"-A {ext_chain} -j {external_policy_chain}")
-
-        # Firewall chain (loadBalancerSourceRanges).
-        if uses_fw:
-            chains_out.append(f":{fw_chain} - [0:0]")
-            active.add(fw_chain)
-            fw_args = f'-A {fw_chain} -m comment --comment "{name} loadbalancer IP"'
-            allow_from_node = False
-            for cidr in svc.load_balancer_source_ranges:
-                rules_out.append(f"{fw_args} -s {cidr} -j {ext_chain}")
-                if node_ip is not None and _cidr_contains(cidr, node_ip):
-                    allow_from_node = True
-            if allow_from_node:
-                for lbip in svc.load_balancer_vips:
-                    rules_out.append(f"{fw_args} -s {lbip} -j {ext_chain}")
-            rules_out.append(
-                f'-A {fw_chain} -m comment --comment "other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL"'
-            )
-
-        # KUBE-SEP-* names of every endpoint a SVC/SVL chain may jump to (kube-proxy
-        # keeps one per endpointInfo; all of them are in `reachable`).
-        # (``reachable`` is the union of the cluster and local endpoints.)
-        sep_names: dict[str, str] = {}
-        for ep in reachable:
-            k = ep.endpoint
-            if k not in sep_names:
-                sep_names[k] = service_port_endpoint_chain_name(name, proto, k)
-
-        if uses_cluster_chain:
-            chains_out.append(f":{svc_chain} - [0:0]")
-            active.add(svc_chain)
-            _service_to_endpoint_rules(rules_out, name, svc, svc_chain, cluster_eps, sep_names, large)
-        if uses_local_chain:
-            chains_out.append(f":{svl_chain} - [0:0]")
-            active.add(svl_chain)
-            _service_to_endpoint_rules(rules_out, name, svc, svl_chain, local_eps, sep_names, large)
-
-        # Per-endpoint chains.
-        affinity = svc.session_affinity_client_ip
-        tail = f" {pmatch} -j DNAT --to-destination "
-        for ep in reachable:
-            sep = sep_names[ep.endpoint]
-            chains_out.append(f":{sep} - [0:0]")
-            active.add(sep)
-            head = f"-A {sep}" if large else f"-A {sep} -m comment --comment {name}"
-            rules_out.append(f"{head} -s {ep.ip} -j {KUBE_MARK_MASQ}")
-            if affinity:
-                rules_out.append(f"{head} -m recent --name {sep} --set{tail}{ep.endpoint}")
-            else:
-                rules_out.append(f"{head}{tail}{ep.endpoint}")
-
-    # Delete chains no longer in use.
-    deleted: list[str] = []
-    if existing_nat_chains is not None:
-        existing = (
-            chains_from_iptables_save(existing_nat_chains)
-            if isinstance(existing_nat_chains, str)
-            else set(existing_nat_chains)
+                filter_rules.append(f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -j DROP")
+        filter_rules.append(
+            f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding rules" -m mark --mark {mark}/{mark} -j ACCEPT'
         )
-        for chain in sorted(existing - active):
-            if not is_service_chain_name(chain):
-                continue
-            nat_chains.append(f":{chain} - [0:0]")
-            nat_rules.append(f"-X {chain}")
-            deleted.append(chain)
+        filter_rules.append(
+            f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding conntrack rule" '
+            "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+        )
 
-    # Finally, tail-call to the nodePorts chain.
+        self.nodeports_tail = _nodeports_tail(config, localhost_nodeports)
+        self.head = "\n".join(["*filter", *filter_chains, *filter_rules, "COMMIT", "*nat", *nat_chains]) + "\n"
+        self.filter_rules_count = len(filter_rules)
+        self.plan = plan
+        self.hc_ports = hc_ports
+        self.no_local_internal = no_local_internal
+        self.no_local_external = no_local_external
+        self.active: frozenset[str] = frozenset()
+        self.deleted: tuple[str, ...] = ()
+        self._nat_written: int | None = None
+        self._nat_skipped = 0
+
+    def chunks(self, lines_per_chunk: int = 8192) -> Iterator[str]:
+        """The restore input in pieces of about ``lines_per_chunk`` lines: the filter
+        table and the top-level nat chains, the Services' nat chains, the nat rules,
+        ``COMMIT``. Consumed once."""
+        lines_per_chunk = max(1, lines_per_chunk)
+        yield self.head
+
+        # Second pass: the nat chain lines (written or, for unchanged Services, only
+        # counted as kube-proxy's skipped-chain buffer does).
+        chains: list[str] = []
+        skipped = _Discard()
+        active: set[str] = set()
+        names: list[_Names] = []
+        for p in self.plan:
+            h = port_proto_hash(p.name, p.proto)
+            n = _Names(SVC_PREFIX + h, SVL_PREFIX + h, FW_PREFIX + h, EXT_PREFIX + h, {})
+            names.append(n)
+            out = chains if p.write else skipped
+            if p.uses_ext:
+                out.append(f":{n.ext_chain} - [0:0]")
+                active.add(n.ext_chain)
+            if p.uses_fw:
+                out.append(f":{n.fw_chain} - [0:0]")
+                active.add(n.fw_chain)
+            if p.cluster_eps is not None:
+                out.append(f":{n.svc_chain} - [0:0]")
+                active.add(n.svc_chain)
+            if p.local_eps is not None:
+                out.append(f":{n.svl_chain} - [0:0]")
+                active.add(n.svl_chain)
+            # KUBE-SEP-* of every endpoint a SVC/SVL chain may jump to (kube-proxy keeps
+            # one per endpointInfo; all of them are in `reachable`, the union of the
+            # cluster and local endpoints).
+            sep_names = n.sep_names
+            for ep in p.reachable:
+                k = ep.endpoint
+                sep = sep_names.get(k)
+                if sep is None:
+                    sep = sep_names[k] = service_port_endpoint_chain_name(p.name, p.proto, k)
+                out.append(f":{sep} - [0:0]")
+                active.add(sep)
+            if len(chains) >= lines_per_chunk:
+                yield "\n".join(chains) + "\n"
+                chains = []
+
+        # Delete chains no longer in use.
+        deleted: list[str] = []
+        existing_nat_chains = self.existing_nat_chains
+        if existing_nat_chains is not None:
+            existing = (
+                chains_from_iptables_save(existing_nat_chains)
+                if isinstance(existing_nat_chains, str)
+                else set(existing_nat_chains)
+            )
+            for chain in sorted(existing - active):
+                if not is_service_chain_name(chain):
+                    continue
+                chains.append(f":{chain} - [0:0]")
+                deleted.append(chain)
+        if chains:
+            yield "\n".join(chains) + "\n"
+        self.active, self.deleted = frozenset(active), tuple(deleted)
+
+        # Third pass: the nat rules.
+        skipped = _Discard()
+        rules = list(self.nat_head)
+        written = 0
+        write = _write_service_nat_rules
+        for p, n in zip(self.plan, names):
+            write(rules, skipped, p, n, self)
+            if len(rules) >= lines_per_chunk:
+                written += len(rules)
+                yield "\n".join(rules) + "\n"
+                rules = []
+        rules += [f"-X {chain}" for chain in deleted]
+        rules += self.nodeports_tail
+        written += len(rules)
+        rules.append("COMMIT")
+        yield "\n".join(rules) + "\n"
+        self._nat_written, self._nat_skipped = written, skipped.lines
+
+    def result(self, text: str = "") -> IPTablesRender:
+        """The sync's counters (and ``text``, when the caller kept it), once
+        :meth:`chunks` has been consumed."""
+        if self._nat_written is None:
+            raise RuntimeError("IPTablesSync.result() before its chunks were consumed")
+        deleted = len(self.deleted)
+        return IPTablesRender(
+            text=text,
+            full_sync=self.full_sync,
+            filter_rules_count=self.filter_rules_count,
+            nat_rules_count=self._nat_written + self._nat_skipped - deleted,
+            nat_rules_synced=self._nat_written - deleted,
+            active_nat_chains=self.active,
+            deleted_nat_chains=self.deleted,
+            large_cluster_mode=self.large,
+            total_endpoints=self.total_endpoints,
+            no_local_endpoints_internal=self.no_local_internal,
+            no_local_endpoints_external=self.no_local_external,
+            jump_rules=JUMP_RULES if self.full_sync else (),
+            nfacct_counters=NFACCT_COUNTERS if self.full_sync else (),
+            health_check_node_ports=self.hc_ports,
+            localhost_nodeports=self.localhost_nodeports,
+        )
+
+
+def _nodeports_tail(config: IPTablesConfig, localhost_nodeports: bool) -> list[str]:
+    """Finally, tail-call to the nodePorts chain (the last nat rules)."""
+    is_v6 = config.is_ipv6
+    npa = NodePortAddresses(config.ip_family, config.nodeport_addresses)
     if npa.match_all:
         dest = "-m addrtype --dst-type LOCAL"
         if is_v6:
             dest += " ! -d ::1/128"
         elif not localhost_nodeports:
             dest += " ! -d 127.0.0.0/8"
-        nat_rules.append(f"-A {KUBE_SERVICES} -m comment --comment {_MUST_BE_LAST} {dest} -j {KUBE_NODEPORTS}")
-    else:
-        addresses = config.node_addresses
-        if addresses is None:
-            addresses = [a for a in (config.node_ip, "::1" if is_v6 else "127.0.0.1") if a]
-        for ip in npa.node_ips(addresses):
-            if ip.is_loopback and (is_v6 or not localhost_nodeports):
-                continue
-            nat_rules.append(f"-A {KUBE_SERVICES} -m comment --comment {_MUST_BE_LAST} -d {ip} -j {KUBE_NODEPORTS}")
+        return [f"-A {KUBE_SERVICES} -m comment --comment {_MUST_BE_LAST} {dest} -j {KUBE_NODEPORTS}"]
+    addresses = config.node_addresses
+    if addresses is None:
+        addresses = [a for a in (config.node_ip, "::1" if is_v6 else "127.0.0.1") if a]
+    return [
+        f"-A {KUBE_SERVICES} -m comment --comment {_MUST_BE_LAST} -d {ip} -j {KUBE_NODEPORTS}"
+        for ip in npa.node_ips(addresses)
+        if not (ip.is_loopback and (is_v6 or not localhost_nodeports))
+    ]
 
-    # Drop INVALID packets unless nf_conntrack_tcp_be_liberal is set.
-    if not config.tcp_be_liberal:
-        if config.nfacct:
-            filter_rules.append(
-                f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -m nfacct --nfacct-name {NFACCT_CT_STATE_INVALID_DROPPED} -j DROP"
+
+def _write_service_nat_rules(rules: list[str], skipped: _Discard, p: _Planned, n: _Names, sync: IPTablesSync) -> None:
+    """The nat rules of one iteration of ``syncProxyRules``' service loop, in its
+    order: the capture rules in KUBE-SERVICES/KUBE-NODEPORTS always go to ``rules``;
+    the rules of the Service's own chains go there too when ``p.write``, else to
+    ``skipped`` (which only counts them, as kube-proxy's skipped-service buffer)."""
+    svc, name, pmatch, dport = p.svc, p.name, p.pmatch, p.dport
+    ext_chain, svc_chain = n.ext_chain, n.svc_chain
+    internal_chain = n.svl_chain if svc.internal_policy_local else svc_chain
+    cip = svc.cluster_ip
+
+    # Capture the clusterIP.
+    if p.has_internal:
+        rules.append(
+            f'-A {KUBE_SERVICES} -m comment --comment "{name} cluster IP" {pmatch} -d {cip} {dport} -j {internal_chain}'
+        )
+    if p.has_endpoints:
+        # Capture externalIPs.
+        for eip in svc.external_ips:
+            rules.append(
+                f'-A {KUBE_SERVICES} -m comment --comment "{name} external IP" {pmatch} -d {eip} {dport} -j {ext_chain}'
+            )
+        # Capture load-balancer ingress.
+        lb_chain = n.fw_chain if p.uses_fw else ext_chain
+        for lbip in svc.load_balancer_vips:
+            rules.append(
+                f'-A {KUBE_SERVICES} -m comment --comment "{name} loadbalancer IP" {pmatch} -d {lbip} {dport} -j {lb_chain}'
+            )
+        # Capture nodeports.
+        if svc.node_port:
+            if sync.localhost_np_rule:
+                rules.append(
+                    f"-A {KUBE_NODEPORTS} -m comment --comment {name} {pmatch} -d 127.0.0.0/8 --dport {svc.node_port} "
+                    f"-m nfacct --nfacct-name {NFACCT_LOCALHOST_NODEPORT_ACCEPTED} -j {ext_chain}"
+                )
+            rules.append(f"-A {KUBE_NODEPORTS} -m comment --comment {name} {pmatch} --dport {svc.node_port} -j {ext_chain}")
+
+    out = rules if p.write else skipped
+
+    # Internal traffic handling.
+    if p.has_internal:
+        args = f'-m comment --comment "{name} cluster IP" {pmatch} -d {cip} {dport}'
+        if sync.masquerade_all:
+            out.append(f"-A {internal_chain} {args} -j {KUBE_MARK_MASQ}")
+        elif sync.local_cidr:
+            out.append(f"-A {internal_chain} {args} ! -s {sync.local_cidr} -j {KUBE_MARK_MASQ}")
+
+    # External traffic handling.
+    if p.uses_ext:
+        if not svc.external_policy_local:
+            out.append(
+                f'-A {ext_chain} -m comment --comment "masquerade traffic for {name} external destinations" -j {KUBE_MARK_MASQ}'
             )
         else:
-            filter_rules.append(f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -j DROP")
-    filter_rules.append(
-        f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding rules" -m mark --mark {mark}/{mark} -j ACCEPT'
-    )
-    filter_rules.append(
-        f'-A {KUBE_FORWARD} -m comment --comment "kubernetes forwarding conntrack rule" '
-        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-    )
+            if sync.local_cidr:
+                out.append(
+                    f'-A {ext_chain} -m comment --comment "pod traffic for {name} external destinations" '
+                    f"-s {sync.local_cidr} -j {svc_chain}"
+                )
+            out.append(
+                f'-A {ext_chain} -m comment --comment "masquerade LOCAL traffic for {name} external destinations" '
+                f"-m addrtype --src-type LOCAL -j {KUBE_MARK_MASQ}"
+            )
+            out.append(
+                f'-A {ext_chain} -m comment --comment "route LOCAL traffic for {name} external destinations" '
+                f"-m addrtype --src-type LOCAL -j {svc_chain}"
+            )
+        if p.has_external:
+            external_policy_chain = n.svl_chain if svc.external_policy_local else svc_chain
+            out.append(f"-A {ext_chain} -j {external_policy_chain}")
 
-    parts = ["*filter"]
-    parts += filter_chains
-    parts += filter_rules
-    parts.append("COMMIT")
-    parts.append("*nat")
-    parts += nat_chains
-    parts += nat_rules
-    parts.append("COMMIT")
-    text = "\n".join(parts) + "\n"
+    # Firewall chain (loadBalancerSourceRanges).
+    if p.uses_fw:
+        fw_args = f'-A {n.fw_chain} -m comment --comment "{name} loadbalancer IP"'
+        allow_from_node = False
+        node_ip = sync.node_ip
+        for cidr in svc.load_balancer_source_ranges:
+            out.append(f"{fw_args} -s {cidr} -j {ext_chain}")
+            if node_ip is not None and _cidr_contains(cidr, node_ip):
+                allow_from_node = True
+        if allow_from_node:
+            for lbip in svc.load_balancer_vips:
+                out.append(f"{fw_args} -s {lbip} -j {ext_chain}")
+        out.append(
+            f'-A {n.fw_chain} -m comment --comment "other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL"'
+        )
 
-    return IPTablesRender(
-        text=text,
-        full_sync=full_sync,
-        filter_rules_count=len(filter_rules),
-        nat_rules_count=len(nat_rules) + skipped_rules.lines - len(deleted),
-        nat_rules_synced=len(nat_rules) - len(deleted),
-        active_nat_chains=frozenset(active),
-        deleted_nat_chains=tuple(deleted),
-        large_cluster_mode=large,
-        total_endpoints=total_endpoints,
-        no_local_endpoints_internal=no_local_internal,
-        no_local_endpoints_external=no_local_external,
-        jump_rules=JUMP_RULES if full_sync else (),
-        nfacct_counters=NFACCT_COUNTERS if full_sync else (),
-        health_check_node_ports=hc_ports,
-        localhost_nodeports=localhost_nodeports,
-    )
+    large = sync.large
+    sep_names = n.sep_names
+    if p.cluster_eps is not None:
+        _service_to_endpoint_rules(out, name, svc, svc_chain, p.cluster_eps, sep_names, large)
+    if p.local_eps is not None:
+        _service_to_endpoint_rules(out, name, svc, n.svl_chain, p.local_eps, sep_names, large)
+
+    # Per-endpoint chains.
+    affinity = svc.session_affinity_client_ip
+    tail = f" {pmatch} -j DNAT --to-destination "
+    for ep in p.reachable:
+        sep = sep_names[ep.endpoint]
+        head = f"-A {sep}" if large else f"-A {sep} -m comment --comment {name}"
+        out.append(f"{head} -s {ep.ip} -j {KUBE_MARK_MASQ}")
+        if affinity:
+            out.append(f"{head} -m recent --name {sep} --set{tail}{ep.endpoint}")
+        else:
+            out.append(f"{head}{tail}{ep.endpoint}")
 
 
 def _service_to_endpoint_rules(

@@ -272,8 +272,8 @@ def set_source_ports(ns: str, ports: tuple[int, int]) -> None:
     replies by real server and client address:port, whatever the virtual address was.
     A direct connection from the same pod and source port to that same backend then
     has its SYN-ACK rewritten to come from the VIP, and times out: measured in the
-    guest kernel, 16 of 16 such reuses within seconds timed out in ipvs mode (0 of 16 in
-    iptables mode, whose conntrack NAT picks another port). Linux draws ports per
+    guest kernel, 16 of 16 such reuses within seconds timed out in ipvs mode, 0 of 16
+    in iptables mode (tests/test_ipvs_mode.py checks one). Linux draws ports per
     destination from its own random offset, so a probe straight to a pod right after
     a Service probe from the same pods hit it now and then (ETIMEDOUT rows in the
     control). Disjoint ranges for the two kinds of probes rule it out. Refuses any

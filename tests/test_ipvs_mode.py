@@ -51,41 +51,27 @@ def _ipvs_table(ns: str) -> dict[str, list[str]]:
     return out
 
 
-def _connect(ns: str, ip: str, port: int, timeout: float) -> str:
-    """"ok", "refused" or "timeout" for a TCP connect from ``ns``."""
+def _connect(ns: str, ip: str, port: int, timeout: float, sport: int | None = None, get: bool = False) -> str:
+    """"ok", "refused", "timeout" or "error N" for a TCP connect from ``ns``. With
+    ``sport``: from that source port, closed with an RST as the traffic generator
+    closes; with ``get``: GET /hostname, the pod's name instead of "ok"."""
     from testbed import netns
 
     with netns.entered(ns):
         s = socket.socket()
     s.settimeout(timeout)
     try:
+        if sport is not None:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.bind(("0.0.0.0", sport))
         s.connect((ip, port))
-        return "ok"
-    except ConnectionRefusedError:
-        return "refused"
-    except (TimeoutError, socket.timeout):
-        return "timeout"
-    except OSError as e:
-        return f"error {e.errno}"
-    finally:
-        s.close()
-
-
-def _get_from(ns: str, sport: int, ip: str, port: int, timeout: float) -> str:
-    """GET /hostname from source port ``sport``, closed with an RST as the traffic
-    generator closes: the pod's name, "timeout" or "error N"."""
-    from testbed import netns
-
-    with netns.entered(ns):
-        s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    s.settimeout(timeout)
-    try:
-        s.bind(("0.0.0.0", sport))
-        s.connect((ip, port))
+        if not get:
+            return "ok"
         s.sendall(b"GET /hostname HTTP/1.1\r\nHost: x\r\n\r\n")
         return s.recv(65536).partition(b"\r\n\r\n")[2].decode().strip()
+    except ConnectionRefusedError:
+        return "refused"
     except (TimeoutError, socket.timeout):
         return "timeout"
     except OSError as e:
@@ -100,10 +86,10 @@ def _port_reuse(ns: str, cip: str, pods: dict[str, str]) -> dict:
     holds the first connection (CLOSE, 10 s) and matches the second one's reply to it.
     This is why the experiment's probes straight to a pod never share source ports with
     its probes through a Service (testbed.traffic.set_source_ports)."""
-    via = _get_from(ns, 47000, cip, 80, 3.0)
+    via = _connect(ns, cip, 80, 3.0, sport=47000, get=True)
     ip = next((i for i, p in pods.items() if p == via), "")
-    return {"via": via, "same_port": _get_from(ns, 47000, ip, 8080, 1.5) if ip else "",
-            "other_port": _get_from(ns, 47002, ip, 8080, 1.5) if ip else ""}
+    return {"via": via, "same_port": _connect(ns, ip, 8080, 1.5, sport=47000, get=True) if ip else "",
+            "other_port": _connect(ns, ip, 8080, 1.5, sport=47002, get=True) if ip else ""}
 
 
 def scheduler_checks() -> dict:

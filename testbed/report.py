@@ -434,12 +434,15 @@ def relative_growth(lt: pd.DataFrame) -> list[str]:
 
 
 def failed_requests(samples: pd.DataFrame) -> list[str]:
-    """One sentence per (variant, target) whose measured requests (warm-up left out)
+    """One sentence per (variant, target) whose measured requests (warm-up left out;
+    every pass, the client-address one too, where summary.csv counts the backend pass)
     include failures, with the errors counted by kind; one sentence when none failed.
     Latency and fairness figures are computed over the successful requests only."""
     if samples.empty or "error" not in samples.columns:
         return []
     m = samples[~samples["warmup"].astype(bool)]
+    if m.empty:
+        return []
     bad = m[m["error"] != ""]
     if bad.empty:
         return [f"No request failed ({len(m):,} measured)."]

@@ -103,9 +103,12 @@ slack set to 1 ns.
 Traps this avoids (ENVIRONMENT.md §Traffic): no TIME_WAIT (RST close, see above);
 at high rates note that every connection leaves a conntrack entry in the nodes'
 tables (10 s in CLOSE after an RST; 120 s in TIME_WAIT after a FIN close, as wrk's):
-:func:`flush_conntrack` between trials. kube-proxy answers a Service without
-endpoints with an ICMP REJECT, which the kernel rate-limits per peer
-(``net.ipv4.icmp_ratelimit``: a burst of 6, then 1/s, measured here): beyond the
+:func:`flush_conntrack` between trials. IPVS keeps its own connection entries (not
+flushed by that) and would rewrite the reply of a direct connection reusing one's
+client port: :func:`set_source_ports` keeps direct and Service probes apart.
+kube-proxy answers a Service without endpoints with an ICMP REJECT, which the kernel
+rate-limits per peer (``net.ipv4.icmp_ratelimit``: a burst of 6, then 1/s, measured
+here): beyond the
 burst a SYN gets no answer, its retransmit (1 s, 3 s, ...) gets the next token, so
 such a Service shows immediate ``ECONNREFUSED`` rows at low rates, ``ECONNREFUSED``
 after a second or ``ETIMEDOUT`` rows at higher ones. That is the kernel's real
@@ -114,7 +117,8 @@ a blocking connect() misses the ICMP error that arrives while it still holds the
 socket and waits for the retransmit (measured: 1.02 s instead of 20 µs).
 
 Nothing here touches the host namespace: sources must be namespaces this project
-created (``tb-...``), and :func:`flush_conntrack` refuses any other namespace.
+created (``tb-...``), and :func:`flush_conntrack` and :func:`set_source_ports` refuse
+any other namespace.
 """
 
 from __future__ import annotations
@@ -264,7 +268,7 @@ DIRECT_PORTS = (46884, 60999)
 
 
 def set_source_ports(ns: str, ports: tuple[int, int]) -> None:
-    """Set ``net.ipv4.ip_local_port_range`` of namespace ``ns`` (a pod's or a client's):
+    """Set ``net.ipv4.ip_local_port_range`` of namespace ``ns`` (a pod's, node's or client's):
     the source ports its new connections draw from.
 
     Experiment hygiene, not kube-proxy behaviour. IPVS keeps a connection entry after

@@ -85,11 +85,12 @@ def _port_reuse(ns: str, cip: str, pods: dict[str, str]) -> dict:
     straight away from the same port (and, for contrast, from another port). IPVS still
     holds the first connection (CLOSE, 10 s) and matches the second one's reply to it.
     This is why the experiment's probes straight to a pod never share source ports with
-    its probes through a Service (testbed.traffic.set_source_ports)."""
-    via = _connect(ns, cip, 80, 3.0, sport=47000, get=True)
+    its probes through a Service (testbed.traffic.set_source_ports). The ports are below
+    the ephemeral range, so no earlier connection of this check can hold them."""
+    via = _connect(ns, cip, 80, 3.0, sport=20000, get=True)
     ip = next((i for i, p in pods.items() if p == via), "")
-    return {"via": via, "same_port": _connect(ns, ip, 8080, 1.5, sport=47000, get=True) if ip else "",
-            "other_port": _connect(ns, ip, 8080, 1.5, sport=47002, get=True) if ip else ""}
+    return {"via": via, "same_port": _connect(ns, ip, 8080, 1.5, sport=20000, get=True) if ip else "",
+            "other_port": _connect(ns, ip, 8080, 1.5, sport=20002, get=True) if ip else ""}
 
 
 def scheduler_checks() -> dict:

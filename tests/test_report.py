@@ -118,6 +118,7 @@ def test_conclusions_follow_the_data(results):
         assert f"**{v}**, clusterip: 9 of 5,400 requests failed (ECONNRESET ×9)" in text
     clean = samples.assign(error="")
     assert report.failed_requests(clean) == ["No request failed (10,800 measured)."]
+    assert report.failed_requests(samples.assign(warmup=True)) == []  # nothing measured: nothing to say
 
 
 def _stretches(variant: str, mode: str, services: int, rep: int, slow_blocks: list[int], rng: np.random.Generator,

@@ -74,6 +74,21 @@ def run_cli(*args: str, check: bool = False, timeout: float = 120, **kw) -> subp
 requires_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
 
 
+@pytest.fixture
+def throwaway_ns():
+    """A fresh, empty network namespace (``tb-t<hex>-x``), deleted after the test."""
+    import secrets
+
+    from testbed import netns
+
+    name = f"tb-t{secrets.token_hex(3)}-x"
+    netns.create(name)
+    try:
+        yield name
+    finally:
+        netns.delete(name)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `root` need real kernel objects: skip them (loudly) without root."""
     if IS_ROOT:

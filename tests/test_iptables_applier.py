@@ -3,7 +3,6 @@ fed while they are made (root: a throwaway namespace, legacy backend)."""
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 from pathlib import Path
 
@@ -65,31 +64,21 @@ def test_chunks_of_a_large_sync():
     assert sync.result().large_cluster_mode and len(chunks) > 5
 
 
-@pytest.fixture
-def bare_ns():
-    name = f"tb-ipt{secrets.token_hex(3)}-node"
-    netns.create(name)
-    try:
-        yield name
-    finally:
-        netns.delete(name)
-
-
 def nat_chains(ns: str) -> set[str]:
     with netns.entered(ns):
         out = subprocess.run(["iptables-legacy-save", "-t", "nat"], capture_output=True, text=True, check=True).stdout
     return {line[1:].split(" ", 1)[0] for line in out.splitlines() if line.startswith(":")}
 
 
-def test_stream_in_feeds_the_tool_and_reports_its_failure(bare_ns):
+def test_stream_in_feeds_the_tool_and_reports_its_failure(throwaway_ns):
     argv = ["iptables-legacy-restore", "--noflush"]
-    kubeproxy.stream_in(bare_ns, argv, iter(["*nat\n:KUBE-TEST-A - [0:0]\n", "-A KUBE-TEST-A -j RETURN\n", "COMMIT\n"]))
-    assert "KUBE-TEST-A" in nat_chains(bare_ns)
+    kubeproxy.stream_in(throwaway_ns, argv, iter(["*nat\n:KUBE-TEST-A - [0:0]\n", "-A KUBE-TEST-A -j RETURN\n", "COMMIT\n"]))
+    assert "KUBE-TEST-A" in nat_chains(throwaway_ns)
     with pytest.raises(KernelError, match="iptables-legacy-restore"):
-        kubeproxy.stream_in(bare_ns, argv, iter(["*nat\n-A KUBE-NO-SUCH-CHAIN -j RETURN\nCOMMIT\n"]))
+        kubeproxy.stream_in(throwaway_ns, argv, iter(["*nat\n-A KUBE-NO-SUCH-CHAIN -j RETURN\nCOMMIT\n"]))
 
 
-def test_stream_in_commits_nothing_when_making_the_input_fails(bare_ns):
+def test_stream_in_commits_nothing_when_making_the_input_fails(throwaway_ns):
     """A chunk that cannot be made kills the tool before it reads end-of-file: the
     table it was reading is not committed, and the error reaches the caller."""
 
@@ -99,16 +88,16 @@ def test_stream_in_commits_nothing_when_making_the_input_fails(bare_ns):
         raise ValueError("render bug")
 
     with pytest.raises(ValueError, match="render bug"):
-        kubeproxy.stream_in(bare_ns, ["iptables-legacy-restore", "--noflush"], chunks())
-    assert "KUBE-TEST-B" not in nat_chains(bare_ns)
+        kubeproxy.stream_in(throwaway_ns, ["iptables-legacy-restore", "--noflush"], chunks())
+    assert "KUBE-TEST-B" not in nat_chains(throwaway_ns)
 
 
-def test_failed_restore_makes_the_next_sync_full(bare_ns, tmp_path, monkeypatch):
+def test_failed_restore_makes_the_next_sync_full(throwaway_ns, tmp_path, monkeypatch):
     """kube-proxy sets needFullSync after a failed restore; so does the applier (its
     state file goes, and with it what a partial sync would build on)."""
     from testbed.model import Cluster, Network, Node
 
-    node = Node(name="node1", ip="192.168.0.2", pod_cidr="10.233.64.0/24", pod_gateway="10.233.64.1", netns=bare_ns)
+    node = Node(name="node1", ip="192.168.0.2", pod_cidr="10.233.64.0/24", pod_gateway="10.233.64.1", netns=throwaway_ns)
     cluster = Cluster(name="bare", nodes=[node], network=Network(service_cidr="10.233.0.0/18", pod_cidr="10.233.64.0/18"))
     state = tmp_path / "kube-proxy-node1.json"
     proxier = kubeproxy.IPTablesProxier(cluster, node, "legacy", state)
@@ -126,4 +115,4 @@ def test_failed_restore_makes_the_next_sync_full(bare_ns, tmp_path, monkeypatch)
     monkeypatch.undo()
     r = proxier.sync(synthetic_objects(4, 2))
     assert r.full and r.changed_services == 4
-    assert sum(c.startswith("KUBE-SVC-") for c in nat_chains(bare_ns)) == 4
+    assert sum(c.startswith("KUBE-SVC-") for c in nat_chains(throwaway_ns)) == 4

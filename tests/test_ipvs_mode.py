@@ -588,18 +588,6 @@ def test_scheduler_probe_noop_and_incremental_syncs(res):
 # ------------------------------------------------------------------ host kernel (no ip_vs needed)
 
 
-@pytest.fixture
-def throwaway_ns():
-    from testbed import netns
-
-    name = f"tb-ipvsh{secrets.token_hex(3)}-x"
-    netns.create(name)
-    try:
-        yield name
-    finally:
-        netns.delete(name)
-
-
 def test_address_batches_over_rtnetlink(throwaway_ns):
     """Bind / unbind / dump as the applier does it (here on ``lo``: the host has no dummy links)."""
     from testbed.kubeproxy_ipvs import RtnlAddr

@@ -256,18 +256,13 @@ VECTOR = Path(__file__).parent / "vectors" / "overall_nftables"
 
 
 @pytest.fixture
-def bare_node(tmp_path: Path):
+def bare_node(tmp_path: Path, throwaway_ns: str):
     """A fresh namespace playing one node (no cluster), deleted afterwards."""
     from testbed.model import Cluster, Network, Node
 
-    name = f"tb-nft{secrets.token_hex(3)}-node"
-    netns.create(name)
-    try:
-        node = Node(name="test-node", ip="192.168.0.2", pod_cidr="10.0.0.0/24", pod_gateway="10.0.0.1", netns=name)
-        cluster = Cluster(name="bare", nodes=[node], network=Network(service_cidr="172.30.0.0/16", pod_cidr="10.0.0.0/8"))
-        yield cluster, node, tmp_path / "kube-proxy-test-node.json"
-    finally:
-        netns.delete(name)
+    node = Node(name="test-node", ip="192.168.0.2", pod_cidr="10.0.0.0/24", pod_gateway="10.0.0.1", netns=throwaway_ns)
+    cluster = Cluster(name="bare", nodes=[node], network=Network(service_cidr="172.30.0.0/16", pod_cidr="10.0.0.0/8"))
+    return cluster, node, tmp_path / "kube-proxy-test-node.json"
 
 
 def vector_objects():
